@@ -170,3 +170,9 @@ def tiny_config(tmp_path, tiny_model_dir):
         return path
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own dpolab cache (converted models, reference log-probs)."""
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "dpolab-cache"))

@@ -75,6 +75,7 @@ def test_column_mapping_overrides_and_eval_holdout(tmp_path, tiny_config, tiny_m
     data = write_jsonl(tmp_path / "se.jsonl", rows_in_format("mapped", 16))
     config = tiny_config(data, prompt_column="question", chosen_column="response_j", rejected_column="response_k")
     argv = ["train", "--config", str(config), "--max_steps", "2", "--beta", "0.5", "--eval_holdout", "0.25"]
+    argv += ["--eval_strategy", "steps", "--eval_steps", "100"]  # no eval on the way: one at the end
     assert main(argv) == 0
     run_dir = tmp_path / "runs" / "tiny"
     assert_complete_run(run_dir, 2, tiny_model_dir, evaluated=True)
@@ -188,3 +189,10 @@ def test_help_for_every_command():
     assert "--beta" in run_cli("train", "--help").stdout
     result = run_cli("trian")
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
+
+
+def test_every_pair_longer_than_max_length_is_an_error_not_a_crash(tmp_path, tiny_config, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))  # prompts are 22 tokens
+    assert main(["train", "--config", str(tiny_config(data, max_length=16))]) == 2
+    message = capsys.readouterr().err
+    assert "All 8 train pairs were dropped" in message and "max_length=16" in message

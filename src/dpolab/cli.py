@@ -17,6 +17,9 @@ commands:
   train                train with TRL's DPOTrainer:
                          dpolab train (--config FILE.yaml | --preset NAME) [--field value ...]
   data check SOURCE    validate preference data and print its format, lengths and truncation
+  eval --model M       teacher-forced DPO metrics of M against its reference, equal to the trainer's
+  sweep RUN_DIR        evaluate the base model and every checkpoint of a run: sweep.csv + sweep.png
+  lengthbias PATH      margins against length differences, from an eval.jsonl
 
 `dpolab COMMAND --help` gives each command's options.
 """
@@ -51,7 +54,32 @@ def cmd_demo(argv: list[str]) -> None:
     demo.run(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "demo": cmd_demo}
+def cmd_eval(argv: list[str]) -> None:
+    from dpolab import evaluate
+
+    evaluate.run(evaluate.make_parser().parse_args(argv))
+
+
+def cmd_sweep(argv: list[str]) -> None:
+    from dpolab import evaluate
+
+    evaluate.run_sweep(evaluate.make_sweep_parser().parse_args(argv))
+
+
+def cmd_lengthbias(argv: list[str]) -> None:
+    from dpolab import evaluate
+
+    evaluate.run_lengthbias(evaluate.make_lengthbias_parser().parse_args(argv))
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
+    "demo": cmd_demo,
+    "eval": cmd_eval,
+    "sweep": cmd_sweep,
+    "lengthbias": cmd_lengthbias,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ def run(argv: list[str]) -> dict:
     """Run the demo; `argv` holds `--field value` overrides of the `demo` preset."""
     from dpolab import train
     from dpolab.config import parse_train_args
+    from dpolab.evaluate import apply_overrides, evaluate_model, run_settings
     from dpolab.models import resolve_model
 
     started = time.time()
@@ -49,12 +50,16 @@ def run(argv: list[str]) -> dict:
     base_replies = greedy_replies(base_dir, held_out_rows)
 
     summary = train.run(config)
+    run_dir = Path(summary["run_dir"])
 
     print("Greedy answers of the trained model on the held-out questions ...", flush=True)
     trained_replies = greedy_replies(summary["final_model"], held_out_rows)
-
-    records = train.read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
-    evals = [record for record in records if "eval_loss" in record]
+    # Preference metrics on the held-out pairs through `dpolab eval` (the trainer's numbers, proven by its
+    # tests). The base model against itself computes the reference once; the trained model reuses it.
+    before, after = (
+        evaluate_model(apply_overrides(run_settings(run_dir, model, name), {}))
+        for model, name in ((config.model.model_name_or_path, "base"), (summary["final_model"], "final"))
+    )
     result = {
         "model": Path(config.model.model_name_or_path).name,
         "held_out_questions": len(held_out_rows),
@@ -62,16 +67,22 @@ def run(argv: list[str]) -> dict:
             "before": answer_accuracy(base_replies, held_out_rows),
             "after": answer_accuracy(trained_replies, held_out_rows),
         },
-        "eval_before": {k[5:]: v for k, v in evals[0].items() if k.startswith("eval_")} if evals else {},
-        "eval_after": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
+        "eval_before": {
+            **before["trainer_equivalent"],
+            "chosen_logp_higher": before["per_pair_mean"]["chosen_logp_higher"],
+        },
+        "eval_after": {
+            **after["trainer_equivalent"],
+            "chosen_logp_higher": after["per_pair_mean"]["chosen_logp_higher"],
+        },
         "examples": [
-            {"question": row["prompt"][0]["content"], "before": before, "after": after}
-            for row, before, after in list(zip(held_out_rows, base_replies, trained_replies))[:5]
+            {"question": row["prompt"][0]["content"], "before": before_reply, "after": after_reply}
+            for row, before_reply, after_reply in list(zip(held_out_rows, base_replies, trained_replies))[:5]
         ],
-        "run_dir": summary["run_dir"],
+        "run_dir": str(run_dir),
         "wall_time_s": round(time.time() - started, 1),
     }
-    (Path(summary["run_dir"]) / "demo.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (run_dir / "demo.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(format_result(result), flush=True)
     return result
 
@@ -136,7 +147,8 @@ def greedy_replies(model_dir: str, rows: list[dict]) -> list[str]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return generate_responses(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=MAX_NEW_TOKENS)
+    prompts = [row["prompt"] for row in rows]
+    return generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -162,7 +174,8 @@ def format_result(result: dict) -> str:
         row("mean reward margin (beta * log-ratio gap)", "rewards/margins"),
         row("logps/chosen (sum over answer tokens)", "logps/chosen", "{:.2f}"),
         row("logps/rejected", "logps/rejected", "{:.2f}"),
-        row("DPO loss", "loss", "{:.4f}"),
+        row("DPO + SFT loss", "loss", "{:.4f}"),
+        row("chosen more likely than rejected (logps)", "chosen_logp_higher", "{:.2f}"),
         "  * before training the policy IS the reference: every margin is 0 and TRL's strict '>' counts each tie",
         "    as wrong, so 0.00 there means 'no preference yet', not 'worse than chance'.",
         "",

@@ -59,10 +59,17 @@ def run(config: TrainConfig) -> dict:
     }
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved_config(config, provenance), sort_keys=False))
 
+    training = config.training
     trainer = build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
     started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
-    if eval_pairs is not None and not evaluated_at(trainer.state.log_history, trainer.state.global_step):
+    # As TRL: evaluation follows eval_strategy; a run that evaluates gets a last evaluation at its final step.
+    last_step = trainer.state.global_step
+    if (
+        eval_pairs is not None
+        and training.eval_strategy != "no"
+        and not evaluated_at(trainer.state.log_history, last_step)
+    ):
         trainer.evaluate()
 
     final_dir = run_dir / "final"
@@ -197,7 +204,24 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LiveProgressCallback())
+    for name, pairs, prepared in (
+        ("train", train_pairs, trainer.train_dataset),
+        ("eval", eval_pairs, trainer.eval_dataset),
+    ):
+        if pairs is not None:
+            check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
+
+
+def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> None:
+    """TRL silently drops pairs whose prompt alone reaches max_length; all of them dropped is an error."""
+    if kept == 0:
+        raise DpolabError(
+            f"All {given} {name} pairs were dropped: in every one the prompt alone reaches max_length={max_length} "
+            f"tokens, leaving no completion to learn from. Raise --max_length (`dpolab data check` shows the lengths)."
+        )
+    if kept < given:
+        print(f"Note: TRL dropped {given - kept} of {given} {name} pairs (prompt alone >= max_length={max_length}).")
 
 
 # --- callbacks --------------------------------------------------------------------------------------------------
