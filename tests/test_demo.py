@@ -50,6 +50,7 @@ def test_demo_runs_end_to_end_on_a_given_model(tmp_path, tiny_model_dir, capsys)
     assert result["eval_before"]["rewards/accuracies"] == 0.0  # TRL's strict '>' on ties
     assert set(result["greedy_right"]) == {"before", "after"}
     assert (tmp_path / "runs" / "demo-data" / "test.jsonl").is_file()
+    assert (tmp_path / "runs" / "d" / "report.html").is_file() and "report (curves, diagnostics)" in out
 
 
 def test_demo_without_the_model_package_says_how_to_install(monkeypatch, capsys):

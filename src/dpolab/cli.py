@@ -20,6 +20,8 @@ commands:
   eval --model M       teacher-forced DPO metrics of M against its reference, equal to the trainer's
   sweep RUN_DIR        evaluate the base model and every checkpoint of a run: sweep.csv + sweep.png
   lengthbias PATH      margins against length differences, from an eval.jsonl
+  generate --models A,B  the same prompts through several models, side by side (HTML + length statistics)
+  report RUN_DIR       curves (PNG), diagnostics and a self-contained report.html
 
 `dpolab COMMAND --help` gives each command's options.
 """
@@ -72,7 +74,21 @@ def cmd_lengthbias(argv: list[str]) -> None:
     evaluate.run_lengthbias(evaluate.make_lengthbias_parser().parse_args(argv))
 
 
+def cmd_generate(argv: list[str]) -> None:
+    from dpolab import generate
+
+    generate.run(generate.make_parser().parse_args(argv))
+
+
+def cmd_report(argv: list[str]) -> None:
+    from dpolab import report
+
+    report.run(report.make_parser().parse_args(argv))
+
+
 COMMANDS = {
+    "report": cmd_report,
+    "generate": cmd_generate,
     "train": cmd_train,
     "data": cmd_data,
     "demo": cmd_demo,

@@ -8,6 +8,7 @@ held-out questions are never trained on. Headline: the share of held-out questio
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -25,7 +26,7 @@ MAX_NEW_TOKENS = 32
 
 def run(argv: list[str]) -> dict:
     """Run the demo; `argv` holds `--field value` overrides of the `demo` preset."""
-    from dpolab import train
+    from dpolab import report, train
     from dpolab.config import parse_train_args
     from dpolab.evaluate import apply_overrides, evaluate_model, run_settings
     from dpolab.models import resolve_model
@@ -83,6 +84,7 @@ def run(argv: list[str]) -> dict:
         "wall_time_s": round(time.time() - started, 1),
     }
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    result["report"] = str(report.run(argparse.Namespace(run_dir=str(run_dir))))
     print(format_result(result), flush=True)
     return result
 
@@ -148,7 +150,8 @@ def greedy_replies(model_dir: str, rows: list[dict]) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [row["prompt"] for row in rows]
-    return generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))
+    replies = generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))
+    return [reply["reply"] for reply in replies]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -188,6 +191,7 @@ def format_result(result: dict) -> str:
     lines += [
         "",
         f"  run directory: {result['run_dir']}  (config.yaml, metrics.jsonl, tensorboard/, final/, demo.json)",
+        f"  report (curves, diagnostics): {result['report']}",
         f"  wall time: {result['wall_time_s']:.0f} s",
     ]
     return "\n".join(lines)
