@@ -127,7 +127,7 @@ def test_resume_errors(tmp_path, tiny_config, capsys):
     assert main(["train", "--config", config]) == 0  # save_strategy "no": no checkpoint
     capsys.readouterr()
     assert main(["train", "--config", config, "--resume"]) == 2
-    assert "has no checkpoint-N directory" in capsys.readouterr().err
+    assert "has no complete checkpoint-N directory" in capsys.readouterr().err
 
 
 def test_message_data_needs_a_chat_template(tmp_path, tiny_config, plain_model_dir, capsys):

@@ -74,6 +74,13 @@ class ScriptArguments:
     resume: bool = field(
         default=False, metadata={"help": "Continue the existing run `runs_dir`/`run_name` from its last checkpoint."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a model stored only as pickle (pytorch_model.bin), which can run code when loaded. Off: "
+            "convert it to safetensors instead."
+        },
+    )
 
 
 @dataclass

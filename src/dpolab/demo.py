@@ -63,6 +63,7 @@ def run(argv: list[str]) -> dict:
     )
     result = {
         "model": Path(config.model.model_name_or_path).name,
+        "loss_type": config.training.loss_type,
         "held_out_questions": len(held_out_rows),
         "greedy_right": {
             "before": answer_accuracy(base_replies, held_out_rows),
@@ -169,7 +170,8 @@ def format_result(result: dict) -> str:
     right = result["greedy_right"]
     lines = [
         "",
-        f"dpolab demo: {result['model']}, DPO + SFT term, {result['held_out_questions']} held-out questions "
+        f"dpolab demo: {result['model']}, loss {' + '.join(result['loss_type'])}, {result['held_out_questions']} "
+        f"held-out questions "
         f"never trained on",
         f"  {'':<46}{'before':>10}{'after':>10}",
         f"  {'greedy answers right (the headline)':<46}{right['before']:>10.2f}{right['after']:>10.2f}",
@@ -177,7 +179,7 @@ def format_result(result: dict) -> str:
         row("mean reward margin (beta * log-ratio gap)", "rewards/margins"),
         row("logps/chosen (sum over answer tokens)", "logps/chosen", "{:.2f}"),
         row("logps/rejected", "logps/rejected", "{:.2f}"),
-        row("DPO + SFT loss", "loss", "{:.4f}"),
+        row(f"loss ({' + '.join(result['loss_type'])})", "loss", "{:.4f}"),
         row("chosen more likely than rejected (logps)", "chosen_logp_higher", "{:.2f}"),
         "  * before training the policy IS the reference: every margin is 0 and TRL's strict '>' counts each tie",
         "    as wrong, so 0.00 there means 'no preference yet', not 'worse than chance'.",

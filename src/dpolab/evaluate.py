@@ -179,6 +179,7 @@ def evaluate_model(settings: EvalSettings) -> dict:
         dataset = dataset.select(range(min(settings.limit, len(dataset))))
     tokenizer = load_tokenizer(ref_path if is_adapter(policy_path) else policy_path, trust_remote_code=remote)
     check_same_tokenizer(tokenizer, load_tokenizer(ref_path, trust_remote_code=remote), policy_path, ref_path)
+    check_same_architecture(adapter_base(policy_path) or policy_path, ref_path)
 
     examples, dropped = tokenize_pairs(dataset, tokenizer, settings.max_length, settings.truncation_mode)
     if not examples:
@@ -213,6 +214,21 @@ def check_same_tokenizer(policy_tokenizer, ref_tokenizer, policy_path: str, ref_
             f"The policy ({policy_path}) and reference ({ref_path}) tokenizers differ "
             f"({len(policy_tokenizer)} vs {len(ref_tokenizer)} tokens): log-prob margins between them mean nothing. "
             f"Give the base model the policy was trained from as --ref."
+        )
+
+
+def check_same_architecture(policy_path: str, ref_path: str) -> None:
+    """A reference of another architecture gives numbers, but they are not DPO's implicit rewards."""
+    from transformers import AutoConfig
+
+    policy, ref = AutoConfig.from_pretrained(policy_path), AutoConfig.from_pretrained(ref_path)
+    shape = lambda c: (c.model_type, getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None))  # noqa: E731
+    if shape(policy) != shape(ref):
+        raise DpolabError(
+            f"The reference ({ref_path}: {ref.model_type}, hidden {getattr(ref, 'hidden_size', '?')}, "
+            f"{getattr(ref, 'num_hidden_layers', '?')} layers) is not the architecture of the policy ({policy_path}: "
+            f"{policy.model_type}, hidden {getattr(policy, 'hidden_size', '?')}, "
+            f"{getattr(policy, 'num_hidden_layers', '?')} layers). Give the base model the policy was trained from."
         )
 
 

@@ -18,8 +18,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPOLAB_CACHE", Path.home() / ".cache" / "dpolab")).expanduser()
 
 
-def resolve_model(name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False) -> str:
+def resolve_model(
+    name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, allow_pickle: bool = False
+) -> str:
     """A local directory holding the model (a converted GGUF, a given directory, or a Hub snapshot) or a Hub id."""
+    located = _locate_model(name_or_path, revision, trust_remote_code)
+    if Path(located).is_dir() and not allow_pickle:
+        check_no_pickle_only(Path(located))
+    return located
+
+
+def check_no_pickle_only(directory: Path) -> None:
+    """Weights only as pickle (.bin/.pt) can execute code when unpickled: refuse them unless asked."""
+    if list(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth") and "model" in p.name)
+    if pickles:
+        raise DpolabError(
+            f"{directory} holds its weights only as pickle ({', '.join(pickles)}), which can run code when loaded. "
+            f"Convert it to safetensors (load it once you trust it, then `save_pretrained`), or pass "
+            f"--allow_pickle_weights true if you trust its source."
+        )
+
+
+def _locate_model(name_or_path: str, revision: str, trust_remote_code: bool) -> str:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

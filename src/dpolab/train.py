@@ -6,9 +6,12 @@ tensorboard/, checkpoint-N/, final/ and summary.json. An existing run is never o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ HIGHER_IS_BETTER = {"loss": False, "rewards/accuracies": True, "rewards/margins"
 def run(config: TrainConfig) -> dict:
     """Train and return the summary written to summary.json."""
     run_dir = config.run_dir
-    resume_from = prepare_run_dir(run_dir, config.script.resume)
+    resume_from = find_resume_checkpoint(run_dir, config.script.resume)
 
     # Where the model is, before reading data (a missing model is the first thing to know); no weights yet.
     from dpolab.models import load_tokenizer, resolve_model
@@ -37,6 +40,7 @@ def run(config: TrainConfig) -> dict:
         config.model.model_name_or_path,
         revision=config.model.model_revision,
         trust_remote_code=config.training.trust_remote_code,
+        allow_pickle=config.script.allow_pickle_weights,
     )
     train_pairs, eval_pairs = load_train_eval(config)
     tokenizer = load_tokenizer(
@@ -57,12 +61,36 @@ def run(config: TrainConfig) -> dict:
         "versions": installed_versions(),
         "git_commit": git_commit(),
     }
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved_config(config, provenance), sort_keys=False))
+    run_dir.mkdir(parents=True, exist_ok=config.script.resume)
+    try:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved_config(config, provenance), sort_keys=False))
+        if resume_from:
+            truncate_metrics(run_dir / "metrics.jsonl", checkpoint_step(resume_from))
+            print(f"Resuming {run_dir} from {Path(resume_from).name}", flush=True)
+        trainer = build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
+    except DpolabError:
+        if not config.script.resume:  # a run that never started leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     training = config.training
-    trainer = build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
+    guard = RunGuard()
+    trainer.add_callback(guard)
     started = time.time()
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    with guard.catching_ctrl_c():
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    if guard.non_finite is not None:
+        raise DpolabError(non_finite_message(guard.non_finite, run_dir, training.learning_rate))
+    if guard.interrupted:
+        last = last_complete_checkpoint(run_dir)
+        print(
+            f"\nInterrupted at step {trainer.state.global_step}; checkpoint saved: {last}.\n"
+            f"Resume with: {' '.join(['dpolab', *sys.argv[1:]]) if 'dpolab' in sys.argv[0] else 'the same command'}"
+            " --resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt
     # As TRL: evaluation follows eval_strategy; a run that evaluates gets a last evaluation at its final step.
     last_step = trainer.state.global_step
     if (
@@ -97,30 +125,42 @@ def run(config: TrainConfig) -> dict:
     return summary
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
-    """Create the run directory, or find the checkpoint to resume from; never overwrite an existing run."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+def find_resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from (None for a new run); an existing run is never overwritten."""
     if not resume:
         if run_dir.exists():
             raise DpolabError(
                 f"Run directory {run_dir} already exists and is never overwritten. Continue it with --resume "
                 f"(from its last checkpoint) or start a new run with another --run_name."
             )
-        run_dir.mkdir(parents=True)
         return None
     if not run_dir.is_dir():
         raise DpolabError(f"Nothing to resume: {run_dir} does not exist. Drop --resume to start it.")
-    checkpoint = get_last_checkpoint(str(run_dir))
+    checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
         raise DpolabError(
-            f"Nothing to resume: {run_dir} has no checkpoint-N directory (it is written every `save_steps`). "
+            f"Nothing to resume: {run_dir} has no complete checkpoint-N directory (written every `save_steps`). "
             f"Start again with another --run_name."
         )
-    step = int(Path(checkpoint).name.split("-")[-1])
-    truncate_metrics(run_dir / "metrics.jsonl", step)
-    print(f"Resuming {run_dir} from {Path(checkpoint).name}", flush=True)
-    return checkpoint
+    return str(checkpoint)
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json (written last by Trainer) is whole.
+
+    A process killed while saving leaves a checkpoint without it, or with half of it; that one is skipped.
+    """
+    for checkpoint in sorted(run_dir.glob("checkpoint-*"), key=checkpoint_step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return checkpoint
+    return None
 
 
 def load_train_eval(config: TrainConfig):
@@ -240,6 +280,67 @@ class MetricsFileCallback(TrainerCallback):
                 file.write(json.dumps(record) + "\n")
 
 
+class RunGuard(TrainerCallback):
+    """Stops cleanly: on Ctrl-C after saving a checkpoint, and on a non-finite loss, gradient or weights
+    without saving one (a NaN checkpoint is removed, so the last checkpoint left is a good one)."""
+
+    def __init__(self):
+        self.interrupted = False
+        self.non_finite: tuple[int, str, float] | None = None
+
+    @contextlib.contextmanager
+    def catching_ctrl_c(self):
+        def on_sigint(signum, frame):
+            if self.interrupted:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to stop at once) ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.non_finite = self.non_finite or (state.global_step, key, value)
+                control.should_save = False
+                control.should_training_stop = True
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+            shutil.rmtree(Path(args.output_dir) / f"checkpoint-{state.global_step}", ignore_errors=True)
+            self.non_finite = self.non_finite or (state.global_step, "weights", float("nan"))
+            control.should_training_stop = True
+
+
+def non_finite_message(non_finite: tuple[int, str, float], run_dir: Path, learning_rate: float) -> str:
+    step, key, value = non_finite
+    last = last_complete_checkpoint(run_dir)
+    where = (
+        f"The last good checkpoint is {last}: continue from it with --resume and a lower --learning_rate "
+        f"(e.g. {learning_rate / 10:g})."
+        if last
+        else "No checkpoint was saved before it; start a new run (another --run_name)."
+    )
+    return (
+        f"Training stopped at step {step}: {key} is {value}. Nothing was saved as final/. {where} "
+        f"Also worth trying: max_grad_norm 1.0, warmup_steps 0.1, bf16 rather than fp16, and `dpolab data check` "
+        f"for extreme lengths."
+    )
+
+
 class LiveProgressCallback(ProgressCallback):
     """transformers' progress bar, showing live loss/accuracy/margin instead of printing each log dict."""
 
@@ -272,9 +373,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records; a last line cut off by a crash mid-write is ignored."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,127 @@
+"""Runs that survive: kill -9 then --resume equals an uninterrupted run; Ctrl-C saves; NaN never becomes final/."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import rows_in_format, write_jsonl
+
+from dpolab.cli import main
+
+STEPS = 24
+KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm")
+
+
+def crash_config(tmp_path, tiny_config):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 48))
+    return str(tiny_config(data, max_steps=STEPS, per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
+                           learning_rate=2e-3))  # fmt: skip
+
+
+def start_training(config, run_name):
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpolab.cli", "train", "--config", config, "--run_name", run_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_step(run_dir, step, process, timeout=240):
+    """Block until metrics.jsonl has logged `step` (the run is mid-training)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(f'"step": {step},' in line for line in path.read_text().splitlines()):
+            return
+        assert process.poll() is None, "training ended before it could be interrupted:\n" + process.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError("training did not reach the step in time")
+
+
+def train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_config):
+    config = crash_config(tmp_path, tiny_config)
+    assert main(["train", "--config", config, "--run_name", "straight"]) == 0
+
+    killed_dir = tmp_path / "runs" / "killed"
+    process = start_training(config, "killed")
+    wait_for_step(killed_dir, 9, process)
+    process.send_signal(signal.SIGKILL)  # no handler, no cleanup: mid-step, maybe mid-checkpoint
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed_dir / "final").exists()
+
+    assert main(["train", "--config", config, "--run_name", "killed", "--resume"]) == 0
+
+    straight, resumed = weights(tmp_path / "runs" / "straight"), weights(killed_dir)
+    assert straight.keys() == resumed.keys()
+    worst = max((straight[name] - resumed[name]).abs().max().item() for name in straight)
+    assert worst <= 1e-5, f"final weights differ by {worst}"
+    straight_log, resumed_log = train_records(tmp_path / "runs" / "straight"), train_records(killed_dir)
+    assert [r["step"] for r in resumed_log] == list(range(1, STEPS + 1))  # no step lost, none logged twice
+    for a, b in zip(straight_log, resumed_log, strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert summary["final"]["loss"] == pytest.approx(straight_log[-1]["loss"], abs=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_config):
+    config = crash_config(tmp_path, tiny_config)
+    run_dir = tmp_path / "runs" / "interrupted"
+    process = start_training(config, "interrupted")
+    wait_for_step(run_dir, 5, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not (run_dir / "final").exists()
+    records = train_records(run_dir)
+    assert (run_dir / f"checkpoint-{records[-1]['step']}").is_dir()  # saved at the step it stopped
+    assert main(["train", "--config", config, "--run_name", "interrupted", "--resume"]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    config = crash_config(tmp_path, tiny_config)
+    assert main(["train", "--config", config, "--run_name", "nan", "--learning_rate", "1e12"]) == 2
+    message = capsys.readouterr().err
+    assert "Training stopped at step" in message and "Nothing was saved as final/" in message
+    assert "--learning_rate" in message
+    run_dir = tmp_path / "runs" / "nan"
+    assert not (run_dir / "final").exists()
+    checkpoints = list(run_dir.glob("checkpoint-*"))
+    for checkpoint in checkpoints:  # whatever is left is finite
+        state = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in state.values()), checkpoint
+    if checkpoints:
+        assert "The last good checkpoint is" in message
+
+
+def test_metrics_survive_a_line_cut_by_a_crash(tmp_path):
+    from dpolab.train import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 1, "loss": 0.7}\n'
