@@ -22,6 +22,8 @@ commands:
   lengthbias PATH      margins against length differences, from an eval.jsonl
   generate --models A,B  the same prompts through several models, side by side (HTML + length statistics)
   report RUN_DIR       curves (PNG), diagnostics and a self-contained report.html
+  doctor               check the installed versions, torch build, GPU, numpy ABI, cache and Hub access
+  plan                 estimate peak GPU memory by component and a setting that fits the card
 
 `dpolab COMMAND --help` gives each command's options.
 """
@@ -86,7 +88,21 @@ def cmd_report(argv: list[str]) -> None:
     report.run(report.make_parser().parse_args(argv))
 
 
+def cmd_doctor(argv: list[str]) -> int:
+    from dpolab import doctor
+
+    return doctor.run(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from dpolab import plan
+
+    return plan.run(plan.make_parser().parse_args(argv))
+
+
 COMMANDS = {
+    "doctor": cmd_doctor,
+    "plan": cmd_plan,
     "report": cmd_report,
     "generate": cmd_generate,
     "train": cmd_train,
@@ -108,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpolab: unknown command '{argv[0]}'.\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        command(argv[1:])
+        exit_code = command(argv[1:])
     except DpolabError as error:
         print(f"dpolab {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
-    return 0
+    return exit_code or 0
 
 
 if __name__ == "__main__":
