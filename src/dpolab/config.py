@@ -74,6 +74,10 @@ class ScriptArguments:
     resume: bool = field(
         default=False, metadata={"help": "Continue the existing run `runs_dir`/`run_name` from its last checkpoint."}
     )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With use_peft: also write final/merged, the base model with the adapter merged in."},
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={
@@ -270,6 +274,8 @@ def validate(script: ScriptArguments, training, model) -> list[str]:
         problems.append("eval_split and eval_holdout are both set: evaluate on a split or on a held-out fraction.")
     if training.eval_strategy != "no" and not (script.eval_split or script.eval_holdout):
         problems.append("eval_strategy is set but there is no eval data: set `eval_split` or `eval_holdout`.")
+    if script.merge_lora and not model.use_peft:
+        problems.append("merge_lora merges a LoRA adapter: it needs use_peft true.")
     if training.run_name and not re.fullmatch(r"[\w.+-]+", training.run_name):
         problems.append(f"run_name '{training.run_name}' must be a plain directory name (letters, digits, . _ + -).")
     return problems

@@ -29,9 +29,16 @@ HIGHER_IS_BETTER = {"loss": False, "rewards/accuracies": True, "rewards/margins"
 
 
 def run(config: TrainConfig) -> dict:
-    """Train and return the summary written to summary.json."""
+    """Train and return the summary written to summary.json.
+
+    Under `accelerate launch` every process runs this; only the main process writes the run directory.
+    """
+    from accelerate import PartialState
+
+    process = PartialState()  # already set up by DPOConfig; a single process when not launched
     run_dir = config.run_dir
     resume_from = find_resume_checkpoint(run_dir, config.script.resume)
+    process.wait_for_everyone()  # every process has checked before the main one creates the directory
 
     # Where the model is, before reading data (a missing model is the first thing to know); no weights yet.
     from dpolab.models import load_tokenizer, resolve_model
@@ -61,15 +68,17 @@ def run(config: TrainConfig) -> dict:
         "versions": installed_versions(),
         "git_commit": git_commit(),
     }
-    run_dir.mkdir(parents=True, exist_ok=config.script.resume)
-    try:
+    if process.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=config.script.resume)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved_config(config, provenance), sort_keys=False))
         if resume_from:
             truncate_metrics(run_dir / "metrics.jsonl", checkpoint_step(resume_from))
             print(f"Resuming {run_dir} from {Path(resume_from).name}", flush=True)
+    process.wait_for_everyone()
+    try:
         trainer = build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
     except DpolabError:
-        if not config.script.resume:  # a run that never started leaves nothing behind
+        if not config.script.resume and process.is_main_process:  # a run that never started leaves nothing
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -101,27 +110,33 @@ def run(config: TrainConfig) -> dict:
         trainer.evaluate()
 
     final_dir = run_dir / "final"
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
-    # Trainer pickles its arguments beside the weights; config.yaml already records them, and final/ stays pickle-free.
-    (final_dir / "training_args.bin").unlink(missing_ok=True)
-
-    summary = summarize(
-        read_metrics(run_dir / "metrics.jsonl"),
-        steps=trainer.state.global_step,
-        epochs=trainer.state.epoch,
-        runtime_s=time.time() - started,
-        train_metrics=train_output.metrics,
-    )
-    summary.update(
-        run_dir=str(run_dir),
-        final_model=str(final_dir),
-        checkpoints=sorted(p.name for p in run_dir.glob("checkpoint-*")),
-        train_pairs=len(train_pairs.dataset),
-        eval_pairs=len(eval_pairs.dataset) if eval_pairs else 0,
-    )
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    print(format_summary(summary), flush=True)
+    trainer.save_model(str(final_dir))  # every process takes part (sharded models); the main one writes
+    summary = {}
+    if process.is_main_process:
+        tokenizer.save_pretrained(str(final_dir))
+        # Trainer pickles its arguments beside the weights; config.yaml records them, and final/ stays pickle-free.
+        (final_dir / "training_args.bin").unlink(missing_ok=True)
+        if config.script.merge_lora:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(str(final_dir / "merged"))
+            tokenizer.save_pretrained(str(final_dir / "merged"))
+        summary = summarize(
+            read_metrics(run_dir / "metrics.jsonl"),
+            steps=trainer.state.global_step,
+            epochs=trainer.state.epoch,
+            runtime_s=time.time() - started,
+            train_metrics=train_output.metrics,
+        )
+        summary.update(
+            run_dir=str(run_dir),
+            final_model=str(final_dir),
+            checkpoints=sorted(p.name for p in run_dir.glob("checkpoint-*")),
+            train_pairs=len(train_pairs.dataset),
+            eval_pairs=len(eval_pairs.dataset) if eval_pairs else 0,
+        )
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        print(format_summary(summary), flush=True)
+    process.wait_for_everyone()
     return summary
 
 
