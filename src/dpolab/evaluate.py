@@ -288,7 +288,9 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalSettings, 
     result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     device = next(model.parameters()).device
-    with torch.no_grad(), adapter_off:
+    from dpolab.train import score_completion_tokens_only
+
+    with torch.no_grad(), adapter_off, score_completion_tokens_only():
         for start in tqdm(range(0, len(examples), settings.batch_size), desc=f"Scoring ({desc})", unit="batch"):
             batch = collator(
                 [

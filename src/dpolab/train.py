@@ -86,7 +86,7 @@ def run(config: TrainConfig) -> dict:
     guard = RunGuard()
     trainer.add_callback(guard)
     started = time.time()
-    with guard.catching_ctrl_c():
+    with guard.catching_ctrl_c(), score_completion_tokens_only():
         train_output = trainer.train(resume_from_checkpoint=resume_from)
     if guard.non_finite is not None:
         raise DpolabError(non_finite_message(guard.non_finite, run_dir, training.learning_rate))
@@ -107,7 +107,8 @@ def run(config: TrainConfig) -> dict:
         and training.eval_strategy != "no"
         and not evaluated_at(trainer.state.log_history, last_step)
     ):
-        trainer.evaluate()
+        with score_completion_tokens_only():
+            trainer.evaluate()
 
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))  # every process takes part (sharded models); the main one writes
@@ -293,6 +294,24 @@ class MetricsFileCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def score_completion_tokens_only():
+    """Run TRL's fused LM head on completion positions only, on the CPU too.
+
+    TRL 1.16 compacts to the positions it scores only on Triton devices (elsewhere every position, prompt and
+    padding included, goes through the vocabulary projection and is then zeroed); on the CPU that projection
+    dominates small models with large vocabularies. The log-probs are the same (bench/RESULTS.md).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 class RunGuard(TrainerCallback):
