@@ -240,3 +240,17 @@ def test_lengthbias_command_reads_an_eval_directory(tmp_path, tiny_config, capsy
     assert "Spearman" in capsys.readouterr().out
     assert main(["lengthbias", str(tmp_path / "nowhere")]) == 2
     assert "run `dpolab eval` first" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_with_a_held_out_fraction_uses_the_same_pairs(tmp_path, tiny_config):
+    data = write_jsonl(tmp_path / "uf.jsonl", rows_in_format("implicit", 24))
+    config = tiny_config(data, eval_holdout=0.25, eval_strategy="steps", eval_steps=100, per_device_eval_batch_size=4,
+                         learning_rate=5e-3)  # fmt: skip
+    assert main(["train", "--config", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert main(["eval", "--model", str(run_dir)]) == 0
+    summary, _ = eval_outputs(run_dir / "eval" / "final")
+    assert summary["pairs"] == 6  # a quarter of 24, the part the trainer evaluated
+    logged = last_logged_eval(run_dir)
+    for key in METRICS:
+        assert summary["trainer_equivalent"][key] == pytest.approx(logged[f"eval_{key}"], abs=TOLERANCE), key

@@ -40,6 +40,8 @@ class EvalSettings:
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     limit: int | None = None
+    holdout: float = 0.0  # >0: the seeded held-out part of `split`, as `dpolab train --eval_holdout` made it
+    seed: int = 42
     max_length: int | None = 1024
     truncation_mode: str = "keep_start"
     beta: float = 0.1
@@ -113,7 +115,10 @@ def run_settings(run_dir: Path, model: str, name: str | None = None) -> EvalSett
         run_dir=str(run_dir),
         ref=run_config.get("model_name_or_path"),
         data=run_config.get("dataset_name"),
-        split=run_config.get("eval_split") or EvalSettings.split,
+        split=run_config.get("eval_split")
+        or (run_config.get("train_split", "train") if run_config.get("eval_holdout") else EvalSettings.split),
+        holdout=0.0 if run_config.get("eval_split") else run_config.get("eval_holdout", 0.0),
+        seed=run_config.get("seed", EvalSettings.seed),
         batch_size=run_config.get("per_device_eval_batch_size", EvalSettings.batch_size),
         output_dir=str(run_dir / "eval" / (name or Path(model).name)),
     )
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def evaluate_model(settings: EvalSettings) -> dict:
     """Write eval.jsonl (per pair) and eval.json (aggregates) to settings.output_dir; return the aggregates."""
-    from dpolab.data import load_pairs
+    from dpolab.data import load_pairs, split_holdout
     from dpolab.models import load_tokenizer, resolve_model
 
     remote = settings.trust_remote_code
@@ -174,6 +179,8 @@ def evaluate_model(settings: EvalSettings) -> dict:
         settings.data, settings.split, dataset_config=settings.dataset_config, prompt_column=settings.prompt_column,
         chosen_column=settings.chosen_column, rejected_column=settings.rejected_column,
     )  # fmt: skip
+    if settings.holdout:  # the run evaluated on a held-out fraction of its training split: the same pairs
+        pairs = split_holdout(pairs, settings.holdout, settings.seed)[1]
     dataset = pairs.dataset
     if settings.limit is not None:
         dataset = dataset.select(range(min(settings.limit, len(dataset))))
