@@ -28,7 +28,7 @@ def run(argv: list[str]) -> dict:
     """Run the demo; `argv` holds `--field value` overrides of the `demo` preset."""
     from dpolab import report, train
     from dpolab.config import parse_train_args
-    from dpolab.evaluate import apply_overrides, evaluate_model, run_settings
+    from dpolab.evaluate import apply_overrides, evaluate_model, headline_metrics, run_settings
     from dpolab.models import resolve_model
 
     started = time.time()
@@ -69,14 +69,8 @@ def run(argv: list[str]) -> dict:
             "before": answer_accuracy(base_replies, held_out_rows),
             "after": answer_accuracy(trained_replies, held_out_rows),
         },
-        "eval_before": {
-            **before["trainer_equivalent"],
-            "chosen_logp_higher": before["per_pair_mean"]["chosen_logp_higher"],
-        },
-        "eval_after": {
-            **after["trainer_equivalent"],
-            "chosen_logp_higher": after["per_pair_mean"]["chosen_logp_higher"],
-        },
+        "eval_before": headline_metrics(before),
+        "eval_after": headline_metrics(after),
         "examples": [
             {"question": row["prompt"][0]["content"], "before": before_reply, "after": after_reply}
             for row, before_reply, after_reply in list(zip(held_out_rows, base_replies, trained_replies))[:5]

@@ -449,6 +449,11 @@ def aggregate(records: list[dict], settings: EvalSettings, dropped: int) -> dict
     }
 
 
+def headline_metrics(summary: dict) -> dict:
+    """The trainer-equivalent aggregates plus the share of pairs whose chosen answer is the likelier one."""
+    return dict(summary["trainer_equivalent"], chosen_logp_higher=summary["per_pair_mean"]["chosen_logp_higher"])
+
+
 def format_table(summary: dict, output: Path) -> str:
     trainer, per_pair = summary["trainer_equivalent"], summary["per_pair_mean"]
     fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
@@ -515,16 +520,13 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     for name, step, model in sweep_points(run_dir):
         settings = apply_overrides(run_settings(run_dir, model, name), overrides)
         previous = Path(settings.output_dir) / "eval.json"
-        if previous.is_file() and json.loads(previous.read_text()).get("settings") == asdict(settings):
+        summary = json.loads(previous.read_text()) if previous.is_file() else None
+        if summary is not None and summary.get("settings") == asdict(settings):
             print(f"{name}: already evaluated ({previous})")
-            summary = json.loads(previous.read_text())
         else:
             print(f"{name}: evaluating {model}")
             summary = evaluate_model(settings)
-        metrics = {
-            **summary["trainer_equivalent"],
-            "chosen_logp_higher": summary["per_pair_mean"]["chosen_logp_higher"],
-        }
+        metrics = headline_metrics(summary)
         rows.append({"step": step, "name": name, **{key: metrics.get(key) for key in SWEEP_COLUMNS[2:]}})
     write_sweep(rows, run_dir)
     return rows
@@ -687,7 +689,8 @@ def run_lengthbias(args: argparse.Namespace) -> dict:
     path = path / "eval.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise DpolabError(f"No eval.jsonl at {path}: run `dpolab eval` first.")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bias = length_bias(records)
+    from dpolab.train import read_jsonl
+
+    bias = length_bias(read_jsonl(path))
     print(format_length_bias(bias))
     return bias

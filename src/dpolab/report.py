@@ -50,15 +50,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     from dpolab.diagnostics import diagnose
-    from dpolab.train import read_metrics
+    from dpolab.train import read_jsonl
 
     run_dir = Path(args.run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl")
     if not records:
         raise DpolabError(f"{run_dir} has no metrics.jsonl (or it is empty): is it a dpolab run directory?")
     config = _read_yaml(run_dir / "config.yaml")
     summary = _read_json(run_dir / "summary.json")
-    generations = _read_jsonl(run_dir / "generations.jsonl")
+    generations = read_jsonl(run_dir / "generations.jsonl")
     final_eval = _read_json(run_dir / "eval" / "final" / "eval.json")
     length_bias = final_eval.get("length_bias") if final_eval else None
 
@@ -73,12 +73,6 @@ def run(args: argparse.Namespace) -> Path:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _read_yaml(path: Path) -> dict:

@@ -60,7 +60,7 @@ def run(config: TrainConfig) -> dict:
 
     provenance = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": " ".join(["dpolab", *sys.argv[1:]]) if sys.argv and "dpolab" in sys.argv[0] else None,
+        "command": invoked_command(),
         "config_source": config.source,
         "model_path": model_path,
         "data": {"train": train_pairs.source, "eval": eval_pairs.source if eval_pairs else None},
@@ -94,8 +94,7 @@ def run(config: TrainConfig) -> dict:
         last = last_complete_checkpoint(run_dir)
         print(
             f"\nInterrupted at step {trainer.state.global_step}; checkpoint saved: {last}.\n"
-            f"Resume with: {' '.join(['dpolab', *sys.argv[1:]]) if 'dpolab' in sys.argv[0] else 'the same command'}"
-            " --resume",
+            f"Resume with: {invoked_command() or 'the same command'}" + ("" if config.script.resume else " --resume"),
             file=sys.stderr,
             flush=True,
         )
@@ -122,7 +121,7 @@ def run(config: TrainConfig) -> dict:
             merged.save_pretrained(str(final_dir / "merged"))
             tokenizer.save_pretrained(str(final_dir / "merged"))
         summary = summarize(
-            read_metrics(run_dir / "metrics.jsonl"),
+            read_jsonl(run_dir / "metrics.jsonl"),
             steps=trainer.state.global_step,
             epochs=trainer.state.epoch,
             runtime_s=time.time() - started,
@@ -139,6 +138,11 @@ def run(config: TrainConfig) -> dict:
         print(format_summary(summary), flush=True)
     process.wait_for_everyone()
     return summary
+
+
+def invoked_command() -> str | None:
+    """The `dpolab ...` command line this process runs, when it was started from the CLI."""
+    return " ".join(["dpolab", *sys.argv[1:]]) if sys.argv and "dpolab" in sys.argv[0] else None
 
 
 def find_resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
@@ -406,8 +410,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records; a last line cut off by a crash mid-write is ignored."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl file the workflows wrote (none if it is missing); a last line cut off by a crash
+    mid-write is ignored."""
     if not path.is_file():
         return []
     records = []
@@ -422,7 +427,7 @@ def read_metrics(path: Path) -> list[dict]:
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the records up to `step`: a resumed run logs the later steps again."""
     if path.is_file():
-        kept = [record for record in read_metrics(path) if record["step"] <= step]
+        kept = [record for record in read_jsonl(path) if record["step"] <= step]
         write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
