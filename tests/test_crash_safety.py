@@ -118,10 +118,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
 
 
 def test_metrics_survive_a_line_cut_by_a_crash(tmp_path):
-    from dpolab.train import read_jsonl, truncate_metrics
+    from dpolab.rundir import RunDir, read_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
-    truncate_metrics(path, 1)
+    RunDir(tmp_path).truncate_metrics(1)
     assert path.read_text() == '{"step": 1, "loss": 0.7}\n'

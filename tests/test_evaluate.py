@@ -209,7 +209,7 @@ def test_sweep_evaluates_base_and_checkpoints_once(tmp_path, tiny_config, capsys
 
 
 def test_length_bias_statistics_by_hand():
-    from dpolab.evaluate import length_bias, pearson, ranks, spearman
+    from dpolab.lengthbias import length_bias, pearson, ranks, spearman
 
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

@@ -54,7 +54,8 @@ def test_ipo_and_hinge_by_hand():
     args = (t(-10.0), t(-15.0), t(-12.0), t(-14.0), t(4.0), t(5.0))
     assert batch_loss(["ipo"], None, 0.1, *args).item() == pytest.approx((0.7 - 5) ** 2)
     assert batch_loss(["hinge"], None, 0.1, *args).item() == pytest.approx(1 - 0.3)
-    assert batch_loss(["aot"], None, 0.1, *args) is None  # not reproduced: no loss rather than a wrong one
+    # aot: (policy chosen - rejected) - (ref chosen - rejected) = 5 - 2 = 3, sorted within the batch of one pair
+    assert batch_loss(["aot"], None, 0.1, *args).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3))))
 
 
 def test_mean_of_batch_means_differs_from_the_mean_when_the_last_batch_is_short():

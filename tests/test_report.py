@@ -86,3 +86,19 @@ def test_report_and_generations_render_in_a_real_browser(full_run, tmp_path):
     dom, console, screenshot = render_in_chromium(full_run / "generations.html", tmp_path, "generations")
     assert console == [] and "What is 12 + 34?" in dom
     assert screenshot.stat().st_size > 10_000
+
+
+def test_readers_import_neither_torch_nor_transformers(full_run, tmp_path):
+    """report and lengthbias read what runs wrote: they work with torch and transformers made unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from dpolab.cli import main\n"
+        f"assert main(['report', {str(full_run)!r}]) == 0\n"
+        f"assert main(['lengthbias', {str(full_run / 'eval' / 'final')!r}]) == 0\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "report:" in result.stdout and "Spearman" in result.stdout

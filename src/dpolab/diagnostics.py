@@ -19,6 +19,9 @@ class Finding:
     evidence: str
     suggestion: str
 
+    def as_dict(self) -> dict:
+        return {"name": self.name, "evidence": self.evidence, "suggestion": self.suggestion}
+
 
 def series_from_records(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """metrics.jsonl records -> {metric: [(step, value), ...]} (numbers only; NaN/inf kept)."""
@@ -192,3 +195,16 @@ def diagnose(
         *reference_drift(series, beta),
         *length_exploitation(generation_lengths, length_bias),
     ]
+
+
+def diagnose_run(
+    records: list[dict],
+    config: dict,
+    summary: dict | None = None,
+    generation_stats: dict | None = None,
+    final_eval: dict | None = None,
+) -> list[Finding]:
+    """Every finding for a run from what its workflows wrote: metrics, config, summary, generations, eval."""
+    lengths = [(label, s["mean_new_tokens"]) for label, s in (generation_stats or {}).get("models", {}).items()]
+    bias = (final_eval or {}).get("length_bias")
+    return diagnose(records, float(config.get("beta", 0.1)), lengths or None, bias)

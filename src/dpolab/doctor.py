@@ -132,7 +132,13 @@ def cache_checks() -> list[Check]:
     return checks
 
 
-def run(argv: list[str]) -> int:
+@dataclass
+class DoctorConfig:
+    """Check the installed versions against the tested set, the torch build, GPU and bf16, the numpy ABI, the
+    Hugging Face cache and Hub access; each problem with the command that fixes it."""
+
+
+def run(config: DoctorConfig) -> int:
     installed = {k: v for k, v in installed_versions().items() if k in TESTED_VERSIONS}
     requirements = {p: metadata.requires(p) or [] for p, v in installed.items() if v is not None}
     checks = [

@@ -1,193 +1,193 @@
 """`dpolab eval`: teacher-forced DPO metrics of a model against a reference, equal to what the trainer computes.
 
 Pairs are tokenized exactly as TRL's DPOTrainer does (`data.pair_token_ids`), truncated and padded by TRL's own
-`DataCollatorForPreference`, and scored through TRL's fused LM head; the arithmetic is in `logps.py`. Given a
-run directory or a checkpoint inside one, `max_length`, `truncation_mode`, `beta`, `loss_type`, the reference
-model and the eval data come from the run's config.yaml. Reference log-probs are cached on disk, so evaluating
-ten checkpoints computes them once.
+`DataCollatorForPreference`, and scored through TRL's fused LM head at the run's precision (weights dtype and
+bf16/fp16 autocast); the arithmetic is in `logps.py`. Given a run directory or a checkpoint inside one, the
+settings, the reference model and the eval data come from the run's config.yaml. Reference log-probs are cached
+on disk, so evaluating ten checkpoints computes them once.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpolab.config import given_fields, trl_default
 from dpolab.errors import DpolabError
+from dpolab.rundir import EVAL_RECORDS, EVAL_SUMMARY, RunDir, locate_model, write_json, write_jsonl
 
 # Aggregates carry TRL's metric names; `/per_token` variants divide each log-prob sum by its token count.
 METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
     "logps/rejected",
 )  # fmt: skip
-RUN_KEYS = ("dataset_config", "prompt_column", "chosen_column", "rejected_column", "max_length", "truncation_mode",
-            "beta", "loss_type", "loss_weights", "label_smoothing", "dtype")  # fmt: skip
+PER_TOKEN_METRICS = ("rewards/margins/per_token", "logps/chosen/per_token", "logps/rejected/per_token")
 
 
 @dataclass
-class EvalSettings:
-    """What `dpolab eval` computes with: TRL's defaults < the run's config.yaml < command-line flags."""
+class EvalConfig:
+    """Teacher-forced DPO metrics of --model against its reference, computed exactly as DPOTrainer does.
 
-    model: str
-    ref: str | None = None
-    data: str | None = None
-    split: str = "test"
-    dataset_config: str | None = None
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    limit: int | None = None
-    holdout: float = 0.0  # >0: the seeded held-out part of `split`, as `dpolab train --eval_holdout` made it
-    seed: int = 42
-    max_length: int | None = 1024
-    truncation_mode: str = "keep_start"
-    beta: float = 0.1
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    batch_size: int = 8
-    dtype: str = "float32"
-    output_dir: str | None = None
-    trust_remote_code: bool = False
-    run_dir: str | None = None
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpolab eval",
-        description="Teacher-forced DPO metrics of --model against --ref, computed exactly as DPOTrainer does.",
-    )
-    parser.add_argument(
-        "--model", required=True, help="run dir (uses final/), checkpoint dir, model dir, Hub id, .gguf or LoRA adapter"
-    )
-    parser.add_argument("--ref", help="reference model (default: the run's model_name_or_path, or the adapter's base)")
-    parser.add_argument("--data", help="pairs source (default: the run's dataset_name)")
-    parser.add_argument("--split", help="split (default: the run's eval_split, else 'test')")
-    parser.add_argument("--limit", type=int, help="only the first N pairs")
-    parser.add_argument("--max_length", type=int)
-    parser.add_argument("--truncation_mode", choices=["keep_start", "keep_end"])
-    parser.add_argument("--beta", type=float)
-    parser.add_argument("--loss_type", nargs="+")
-    parser.add_argument("--label_smoothing", type=float)
-    parser.add_argument(
-        "--batch_size", type=int, help="eval batch size (default: the run's per_device_eval_batch_size)"
-    )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--output_dir", help="where eval.jsonl and eval.json go (default: RUN/eval/<checkpoint>)")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    return parser
-
-
-def locate_model(model: str) -> tuple[str, Path | None]:
-    """(the model to load, the run directory it belongs to or None)."""
-    path = Path(model)
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
-        return str(path / "final"), path
-    if path.is_dir() and (path.parent / "config.yaml").is_file() and (path.parent / "metrics.jsonl").is_file():
-        return str(path), path.parent
-    if path.is_dir() and (path / "metrics.jsonl").is_file():
-        raise DpolabError(
-            f"{path} looks like a run directory but has no config.yaml (or no final/): give --ref and --data."
-        )
-    if path.name.startswith("checkpoint-") and not path.exists():
-        raise DpolabError(f"Checkpoint not found: {path}. Checkpoints of that run: {_checkpoints(path.parent)}.")
-    return model, None
-
-
-def _checkpoints(run_dir: Path) -> str:
-    names = sorted(p.name for p in run_dir.glob("checkpoint-*")) if run_dir.is_dir() else []
-    return ", ".join(names) or "none"
-
-
-def run_settings(run_dir: Path, model: str, name: str | None = None) -> EvalSettings:
-    """Settings that score `model` as the run's trainer would: its reference, eval data, truncation and loss.
-
-    Output goes to RUN/eval/<name> (default: the model directory's name, e.g. checkpoint-500 or final).
+    Each unset field comes from the run's config.yaml when --model is a run or a checkpoint of one, else from
+    TRL's own default.
     """
-    from dpolab.config import load_yaml
 
-    run_config = load_yaml(run_dir / "config.yaml")
-    settings = EvalSettings(
-        model=model,
-        run_dir=str(run_dir),
-        ref=run_config.get("model_name_or_path"),
-        data=run_config.get("dataset_name"),
-        split=run_config.get("eval_split")
-        or (run_config.get("train_split", "train") if run_config.get("eval_holdout") else EvalSettings.split),
-        holdout=0.0 if run_config.get("eval_split") else run_config.get("eval_holdout", 0.0),
-        seed=run_config.get("seed", EvalSettings.seed),
-        batch_size=run_config.get("per_device_eval_batch_size", EvalSettings.batch_size),
-        output_dir=str(run_dir / "eval" / (name or Path(model).name)),
+    model: str = field(
+        metadata={"help": "run dir (uses final/), checkpoint dir, model dir, Hub id, .gguf or LoRA adapter"}
     )
-    for key in RUN_KEYS:
-        if key in run_config:
-            setattr(settings, key, run_config[key])
-    return settings
+    ref: str | None = field(default=None, metadata={"help": "reference model (default: the run's base model, or "
+                                                             "the adapter's base)"})  # fmt: skip
+    data: str | None = field(default=None, metadata={"help": "pairs source (default: the run's dataset_name)"})
+    split: str | None = field(default=None, metadata={"help": "split (default: the run's eval split, else 'test')"})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
+    prompt_column: str | None = field(default=None, metadata={"help": "column holding the prompt"})
+    chosen_column: str | None = field(default=None, metadata={"help": "column holding the preferred answer"})
+    rejected_column: str | None = field(default=None, metadata={"help": "column holding the dispreferred answer"})
+    holdout: float | None = field(
+        default=None, metadata={"help": "score the seeded held-out fraction of the split, as `train --eval_holdout`"}
+    )
+    seed: int | None = field(default=None, metadata={"help": "seed of the held-out split"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N pairs"})
+    max_length: int | None = field(default=None, metadata={"help": "TRL's max_length (prompt + completion)"})
+    truncation_mode: str | None = field(
+        default=None, metadata={"help": "TRL's truncation_mode", "choices": ("keep_start", "keep_end")}
+    )
+    beta: float | None = field(default=None, metadata={"help": "TRL's beta"})
+    loss_type: list[str] | None = field(default=None, metadata={"help": "TRL's loss_type"})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "TRL's loss_weights"})
+    label_smoothing: float | None = field(default=None, metadata={"help": "TRL's label_smoothing"})
+    ld_alpha: float | None = field(default=None, metadata={"help": "TRL's ld_alpha (LD-DPO length weighting)"})
+    f_divergence_type: str | None = field(default=None, metadata={"help": "TRL's f_divergence_type"})
+    f_alpha_divergence_coef: float | None = field(default=None, metadata={"help": "TRL's f_alpha_divergence_coef"})
+    discopop_tau: float | None = field(default=None, metadata={"help": "TRL's discopop_tau"})
+    use_weighting: bool | None = field(default=None, metadata={"help": "TRL's use_weighting (WPO): not reproduced"})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "eval batch size (TRL's per_device_eval_batch_size)"}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "weights dtype (TRL's dtype)", "choices": ("float32", "bfloat16", "float16", "auto")},
+    )
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast, as the trainer's `bf16`"})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 autocast, as the trainer's `fp16`"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where eval.jsonl and eval.json go (default: RUN/eval/<checkpoint>)"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the Hub"})
 
 
-def resolve_settings(args: argparse.Namespace) -> EvalSettings:
-    """TRL's defaults < the run's config.yaml (when --model is inside a run) < the flags given."""
-    model, run_dir = locate_model(args.model)
-    settings = run_settings(run_dir, model) if run_dir else EvalSettings(model=model)
-    return apply_overrides(settings, {k: v for k, v in vars(args).items() if k != "model"})
+# Eval field -> the run's config.yaml key it is read from.
+FROM_RUN = {
+    "ref": "model_name_or_path", "data": "dataset_name", "dataset_config": "dataset_config",
+    "prompt_column": "prompt_column", "chosen_column": "chosen_column", "rejected_column": "rejected_column",
+    "seed": "seed", "max_length": "max_length", "truncation_mode": "truncation_mode", "beta": "beta",
+    "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+    "ld_alpha": "ld_alpha", "f_divergence_type": "f_divergence_type",
+    "f_alpha_divergence_coef": "f_alpha_divergence_coef", "discopop_tau": "discopop_tau",
+    "use_weighting": "use_weighting", "batch_size": "per_device_eval_batch_size", "dtype": "dtype",
+    "bf16": "bf16", "fp16": "fp16",
+}  # fmt: skip
+# Eval field -> the TRL field whose default applies when neither the user nor a run sets it.
+FROM_TRL = {
+    "seed": "seed", "max_length": "max_length", "truncation_mode": "truncation_mode", "beta": "beta",
+    "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+    "ld_alpha": "ld_alpha", "f_divergence_type": "f_divergence_type",
+    "f_alpha_divergence_coef": "f_alpha_divergence_coef", "discopop_tau": "discopop_tau",
+    "use_weighting": "use_weighting", "batch_size": "per_device_eval_batch_size", "dtype": "dtype", "fp16": "fp16",
+}  # fmt: skip
+# dpolab's own defaults for what TRL has no field for (or, for bf16, a machine-dependent one).
+DEFAULTS = {"prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected", "holdout": 0.0,
+            "bf16": False}  # fmt: skip
 
 
-def apply_overrides(settings: EvalSettings, overrides: dict) -> EvalSettings:
-    for key, value in overrides.items():
-        if value not in (None, False):
-            setattr(settings, key, value)
-    if settings.ref is None:
-        settings.ref = adapter_base(settings.model)
-    missing = [f"--{name}" for name in ("data", "ref") if getattr(settings, name) is None]
-    if missing:
-        raise DpolabError(
-            f"Give {' and '.join(missing)} (or a --model inside a dpolab run directory, whose config.yaml says)."
-        )
-    if settings.batch_size < 1:
-        raise DpolabError(f"--batch_size must be >= 1, got {settings.batch_size}.")
-    settings.output_dir = settings.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    return settings
+def run(config: EvalConfig) -> dict:
+    """`dpolab eval`: resolve the settings, score the pairs, print the table."""
+    from dpolab.lengthbias import format_length_bias
 
-
-def adapter_base(model: str) -> str | None:
-    config = Path(model) / "adapter_config.json"
-    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
-
-
-def run(args: argparse.Namespace) -> dict:
-    """`dpolab eval`: resolve the settings, evaluate, print the table."""
-    summary = evaluate_model(resolve_settings(args))
-    print(format_table(summary, Path(summary["settings"]["output_dir"])))
+    settings = resolve(config)
+    summary = evaluate(settings)
+    print(format_table(summary, Path(settings.output_dir)))
     print(format_length_bias(summary["length_bias"]))
     return summary
 
 
-def evaluate_model(settings: EvalSettings) -> dict:
+# --- settings ---------------------------------------------------------------------------------------------------
+
+
+def resolve(config: EvalConfig, run: RunDir | None = None, name: str | None = None) -> EvalConfig:
+    """Every field filled: what the user gave < the run's config.yaml (when --model belongs to a run) < TRL's.
+
+    `run` and `name` (the output sub-directory) are given by callers that already know the run (sweep, demo).
+    """
+    given = given_fields(config)
+    model, located_run = (config.model, run) if run is not None else locate_model(config.model)
+    values = {key: getattr(config, key) for key in given}
+    values["model"] = model
+    run_values = {}
+    if located_run is not None:
+        run_config = located_run.read_config()
+        run_values = {key: run_config[source] for key, source in FROM_RUN.items() if source in run_config}
+        if run_config.get("eval_split"):
+            run_values["split"] = run_config["eval_split"]
+        elif run_config.get("eval_holdout"):  # the trainer scored a seeded held-out part of the train split
+            run_values.update(split=run_config.get("train_split", "train"), holdout=run_config["eval_holdout"])
+        run_values["output_dir"] = str(located_run.eval_dir(name or Path(model).name))
+    for key in (f.name for f in dataclasses.fields(EvalConfig)):
+        if key in values:
+            continue
+        if key in run_values:
+            values[key] = run_values[key]
+        elif key in FROM_TRL:
+            values[key] = trl_default(FROM_TRL[key])
+        elif key in DEFAULTS:
+            values[key] = DEFAULTS[key]
+    settings = dataclasses.replace(config, **values)
+    return check_settings(settings)
+
+
+def check_settings(settings: EvalConfig) -> EvalConfig:
+    """Every problem at once; settings eval cannot reproduce are refused, never silently ignored."""
+    from dpolab.models import adapter_base
+
+    if settings.ref is None:
+        settings.ref = adapter_base(settings.model)
+    problems = [f"give --{name}" for name in ("data", "ref") if getattr(settings, name) is None]
+    if problems:
+        raise DpolabError(
+            f"Give {' and '.join('--' + n for n in ('data', 'ref') if getattr(settings, n) is None)} (or a --model "
+            f"inside a dpolab run directory, whose config.yaml says)."
+        )
+    if settings.batch_size is not None and settings.batch_size < 1:
+        problems.append(f"--batch_size must be >= 1, got {settings.batch_size}.")
+    if settings.limit is not None and settings.limit < 1:
+        problems.append(f"--limit must be >= 1 (or unset for every pair), got {settings.limit}.")
+    if settings.use_weighting:
+        problems.append(
+            "use_weighting (WPO) is not reproduced by `dpolab eval`: its weights need the policy's per-token "
+            "probabilities over the whole vocabulary. Score with --use_weighting false (log-probs, rewards and "
+            "margins do not depend on it; only the loss would)."
+        )
+    if settings.bf16 and settings.fp16:
+        problems.append("bf16 and fp16 autocast are both on: pick one.")
+    if problems:
+        raise DpolabError("Invalid eval settings:\n  - " + "\n  - ".join(problems))
+    settings.output_dir = settings.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    return settings
+
+
+# --- the workflow -------------------------------------------------------------------------------------------------
+
+
+def evaluate(settings: EvalConfig) -> dict:
     """Write eval.jsonl (per pair) and eval.json (aggregates) to settings.output_dir; return the aggregates."""
-    from dpolab.data import load_pairs, split_holdout
-    from dpolab.models import load_tokenizer, resolve_model
+    from dpolab.lengthbias import length_bias
 
-    remote = settings.trust_remote_code
-    policy_path = (
-        settings.model if is_adapter(settings.model) else resolve_model(settings.model, trust_remote_code=remote)
-    )
-    ref_path = resolve_model(settings.ref, trust_remote_code=remote)
-    pairs = load_pairs(
-        settings.data, settings.split, dataset_config=settings.dataset_config, prompt_column=settings.prompt_column,
-        chosen_column=settings.chosen_column, rejected_column=settings.rejected_column,
-    )  # fmt: skip
-    if settings.holdout:  # the run evaluated on a held-out fraction of its training split: the same pairs
-        pairs = split_holdout(pairs, settings.holdout, settings.seed)[1]
-    dataset = pairs.dataset
-    if settings.limit is not None:
-        dataset = dataset.select(range(min(settings.limit, len(dataset))))
-    tokenizer = load_tokenizer(ref_path if is_adapter(policy_path) else policy_path, trust_remote_code=remote)
-    check_same_tokenizer(tokenizer, load_tokenizer(ref_path, trust_remote_code=remote), policy_path, ref_path)
-    check_same_architecture(adapter_base(policy_path) or policy_path, ref_path)
-
+    policy_path, ref_path, tokenizer = locate_models(settings)
+    pairs, dataset = load_eval_pairs(settings)
     examples, dropped = tokenize_pairs(dataset, tokenizer, settings.max_length, settings.truncation_mode)
     if not examples:
         raise DpolabError(
@@ -198,45 +198,61 @@ def evaluate_model(settings: EvalSettings) -> dict:
     if policy_path == ref_path:  # the model against itself: same forward, margins exactly 0
         policy_logps = ref_logps
     else:
-        policy_logps = model_logps(load_model(policy_path, settings), examples, tokenizer, settings, desc="policy")
+        from dpolab.models import load_scoring_model
+
+        model = load_scoring_model(policy_path, settings.dtype, settings.trust_remote_code)
+        policy_logps = model_logps(model, examples, tokenizer, settings, desc="policy")
     records = pair_records(examples, policy_logps, ref_logps, settings)
     summary = aggregate(records, settings, dropped)
-    summary.update(model=settings.model, ref=settings.ref, data=pairs.source, settings=asdict(settings))
+    summary.update(model=settings.model, ref=settings.ref, data=pairs.source, settings=settings_record(settings))
     summary["length_bias"] = length_bias(records)
     output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    (output / "eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_jsonl(output / EVAL_RECORDS, records)
+    write_json(output / EVAL_SUMMARY, summary)
     return summary
 
 
-def is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+def settings_record(settings: EvalConfig) -> dict:
+    """The settings as written into eval.json (and compared by `sweep` to reuse an evaluation)."""
+    return dataclasses.asdict(settings)
 
 
-def check_same_tokenizer(policy_tokenizer, ref_tokenizer, policy_path: str, ref_path: str) -> None:
-    """Margins compare token-level log-probs, so policy and reference must tokenize identically."""
-    if policy_tokenizer.get_vocab() != ref_tokenizer.get_vocab():
-        raise DpolabError(
-            f"The policy ({policy_path}) and reference ({ref_path}) tokenizers differ "
-            f"({len(policy_tokenizer)} vs {len(ref_tokenizer)} tokens): log-prob margins between them mean nothing. "
-            f"Give the base model the policy was trained from as --ref."
-        )
+def locate_models(settings: EvalConfig) -> tuple[str, str, object]:
+    """(policy path, reference path, tokenizer), after checking the two tokenize and are built alike."""
+    from dpolab.models import (
+        adapter_base,
+        check_same_architecture,
+        check_same_tokenizer,
+        is_adapter,
+        load_tokenizer,
+        resolve_model,
+    )
+
+    remote = settings.trust_remote_code
+    policy_path = (
+        settings.model if is_adapter(settings.model) else resolve_model(settings.model, trust_remote_code=remote)
+    )
+    ref_path = resolve_model(settings.ref, trust_remote_code=remote)
+    tokenizer = load_tokenizer(ref_path if is_adapter(policy_path) else policy_path, trust_remote_code=remote)
+    check_same_tokenizer(tokenizer, load_tokenizer(ref_path, trust_remote_code=remote), policy_path, ref_path)
+    check_same_architecture(adapter_base(policy_path) or policy_path, ref_path)
+    return policy_path, ref_path, tokenizer
 
 
-def check_same_architecture(policy_path: str, ref_path: str) -> None:
-    """A reference of another architecture gives numbers, but they are not DPO's implicit rewards."""
-    from transformers import AutoConfig
+def load_eval_pairs(settings: EvalConfig):
+    """The validated pairs and the dataset to score (the held-out part, the first `limit`)."""
+    from dpolab.data import load_pairs, split_holdout
 
-    policy, ref = AutoConfig.from_pretrained(policy_path), AutoConfig.from_pretrained(ref_path)
-    shape = lambda c: (c.model_type, getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None))  # noqa: E731
-    if shape(policy) != shape(ref):
-        raise DpolabError(
-            f"The reference ({ref_path}: {ref.model_type}, hidden {getattr(ref, 'hidden_size', '?')}, "
-            f"{getattr(ref, 'num_hidden_layers', '?')} layers) is not the architecture of the policy ({policy_path}: "
-            f"{policy.model_type}, hidden {getattr(policy, 'hidden_size', '?')}, "
-            f"{getattr(policy, 'num_hidden_layers', '?')} layers). Give the base model the policy was trained from."
-        )
+    pairs = load_pairs(
+        settings.data, settings.split, dataset_config=settings.dataset_config, prompt_column=settings.prompt_column,
+        chosen_column=settings.chosen_column, rejected_column=settings.rejected_column,
+    )  # fmt: skip
+    if settings.holdout:  # the run evaluated on a held-out fraction of its training split: the same pairs
+        pairs = split_holdout(pairs, settings.holdout, settings.seed)[1]
+    dataset = pairs.dataset
+    if settings.limit is not None:
+        dataset = dataset.select(range(min(settings.limit, len(dataset))))
+    return pairs, dataset
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[list[dict], int]:
@@ -255,49 +271,41 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: 
     return examples, dropped
 
 
-def load_model(path: str, settings: EvalSettings):
-    """The model in eval mode on the GPU if there is one, with TRL's fused LM head (as the trainer scores)."""
+# --- scoring ----------------------------------------------------------------------------------------------------
+
+
+def autocast(settings: EvalConfig, device_type: str):
+    """The trainer's mixed precision: bf16 or fp16 autocast over the weights' own dtype, or none."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
-    dtype = getattr(torch, settings.dtype) if settings.dtype not in (None, "auto") else "auto"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if is_adapter(path):
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(
-            adapter_base(path), dtype=dtype, trust_remote_code=settings.trust_remote_code
-        )
-        add_fused_lm_head(base)  # before wrapping, as TRL does
-        model = PeftModel.from_pretrained(base, path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=settings.trust_remote_code)
-        add_fused_lm_head(model)
-    return model.to(device).eval()
+    dtype = torch.bfloat16 if settings.bf16 else torch.float16
+    return torch.autocast(device_type, dtype=dtype, enabled=bool(settings.bf16 or settings.fp16))
 
 
-def model_logps(model, examples: list[dict], tokenizer, settings: EvalSettings, desc: str, disable_adapter=False):
-    """Per pair: chosen/rejected log-prob sums and scored token counts, batched like the trainer's eval loop."""
+def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, desc: str, disable_adapter=False):
+    """Per pair: chosen/rejected log-prob sums and scored token counts, batched like the trainer's eval loop.
+
+    With `ld_alpha`, the sums weight each answer's tokens beyond the shorter answer's length by ld_alpha, as TRL
+    does; `chosen_unweighted` keeps the plain chosen sums for the `sft` term.
+    """
     import contextlib
 
     import torch
     from tqdm.auto import tqdm
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from dpolab.logps import sequence_logps
+    from dpolab.logps import length_weighted_logps
+    from dpolab.models import score_completion_tokens_only
 
     collator = DataCollatorForPreference(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         max_length=settings.max_length,
         truncation_mode=settings.truncation_mode,
     )
-    result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": [], "chosen_unweighted": []}
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     device = next(model.parameters()).device
-    from dpolab.train import score_completion_tokens_only
-
-    with torch.no_grad(), adapter_off, score_completion_tokens_only():
+    with torch.no_grad(), adapter_off, score_completion_tokens_only(), autocast(settings, device.type):
         for start in tqdm(range(0, len(examples), settings.batch_size), desc=f"Scoring ({desc})", unit="batch"):
             batch = collator(
                 [
@@ -310,11 +318,14 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalSettings, 
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                             fused_lm_head=True, use_cache=False)  # fmt: skip
             seq_len = batch["completion_mask"].size(1) - 1
-            logps, tokens = sequence_logps(outputs.log_probs[:, -seq_len:].float(), batch["completion_mask"])
+            per_token = outputs.log_probs[:, -seq_len:].float()
+            shifted_mask = batch["completion_mask"][:, 1:]
+            logps, plain, tokens = length_weighted_logps(per_token, shifted_mask, settings.ld_alpha)
             chosen, rejected = logps.chunk(2)
             chosen_tokens, rejected_tokens = tokens.chunk(2)
             result["chosen"] += chosen.tolist()
             result["rejected"] += rejected.tolist()
+            result["chosen_unweighted"] += plain.chunk(2)[0].tolist()
             result["chosen_tokens"] += chosen_tokens.int().tolist()
             result["rejected_tokens"] += rejected_tokens.int().tolist()
     return result
@@ -329,39 +340,37 @@ def model_fingerprint(path: str) -> str:
     return json.dumps([str(directory.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-def cached_ref_logps(settings: EvalSettings, ref_path: str, examples: list[dict], tokenizer) -> dict:
-    """Reference log-probs, computed once per (reference weights, token ids, truncation, dtype) and kept on disk."""
-    from dpolab.models import cache_dir
-
+def ref_cache_key(ref_path: str, examples: list[dict], settings: EvalConfig) -> str:
+    """What reference log-probs depend on: the reference weights, the token ids, truncation and precision."""
     token_ids = [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in examples]
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                model_fingerprint(ref_path),
-                token_ids,
-                settings.max_length,
-                settings.truncation_mode,
-                settings.dtype,
-                settings.batch_size,
-            ]
-        ).encode()  # fmt: skip
-    ).hexdigest()[:20]
-    path = cache_dir() / "ref_logps" / f"{key}.json"
+    parts = [model_fingerprint(ref_path), token_ids, settings.max_length, settings.truncation_mode, settings.dtype,
+             bool(settings.bf16), bool(settings.fp16), settings.ld_alpha]  # fmt: skip
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def cached_ref_logps(settings: EvalConfig, ref_path: str, examples: list[dict], tokenizer) -> dict:
+    """Reference log-probs, computed once per (reference weights, token ids, truncation, precision), kept on disk."""
+    from dpolab.models import adapter_base, cache_dir, is_adapter, load_scoring_model
+
+    path = cache_dir() / "ref_logps" / f"{ref_cache_key(ref_path, examples, settings)}.json"
     if path.is_file():
         print(f"Reference log-probs from cache: {path}")
         return json.loads(path.read_text())
     if is_adapter(settings.model) and settings.ref == adapter_base(settings.model):
-        logps = model_logps(
-            load_model(settings.model, settings), examples, tokenizer, settings, "reference", disable_adapter=True
-        )
+        model = load_scoring_model(settings.model, settings.dtype, settings.trust_remote_code)
+        logps = model_logps(model, examples, tokenizer, settings, "reference", disable_adapter=True)
     else:
-        logps = model_logps(load_model(ref_path, settings), examples, tokenizer, settings, desc="reference")
+        model = load_scoring_model(ref_path, settings.dtype, settings.trust_remote_code)
+        logps = model_logps(model, examples, tokenizer, settings, desc="reference")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(logps))
     return logps
 
 
-def pair_records(examples: list[dict], policy: dict, ref: dict, settings: EvalSettings) -> list[dict]:
+# --- per-pair records and aggregates (pure) ---------------------------------------------------------------------
+
+
+def pair_records(examples: list[dict], policy: dict, ref: dict, settings: EvalConfig) -> list[dict]:
     """One record per pair: token counts, truncation, the four log-probs, rewards, margin, correctness."""
     import torch
 
@@ -377,7 +386,7 @@ def pair_records(examples: list[dict], policy: dict, ref: dict, settings: EvalSe
         n_chosen, n_rejected = max(policy["chosen_tokens"][i], 1), max(policy["rejected_tokens"][i], 1)
         chosen_ratio = (policy["chosen"][i] - ref["chosen"][i]) / n_chosen
         rejected_ratio = (policy["rejected"][i] - ref["rejected"][i]) / n_rejected
-        records.append({
+        record = {
             "index": example["index"],
             "prompt_tokens": prompt_len,
             "chosen_tokens": chosen_len,
@@ -397,11 +406,14 @@ def pair_records(examples: list[dict], policy: dict, ref: dict, settings: EvalSe
             "margin_per_token": settings.beta * (chosen_ratio - rejected_ratio),
             "policy_chosen_logps_per_token": policy["chosen"][i] / n_chosen,
             "policy_rejected_logps_per_token": policy["rejected"][i] / n_rejected,
-        })  # fmt: skip
+        }
+        if settings.ld_alpha is not None:
+            record["policy_chosen_logps_unweighted"] = policy["chosen_unweighted"][i]
+        records.append(record)
     return records
 
 
-def aggregate(records: list[dict], settings: EvalSettings, dropped: int) -> dict:
+def aggregate(records: list[dict], settings: EvalConfig, dropped: int) -> dict:
     """TRL's metrics two ways: as the trainer logs them (mean of per-batch means) and as true per-pair means."""
     import torch
 
@@ -426,14 +438,20 @@ def aggregate(records: list[dict], settings: EvalSettings, dropped: int) -> dict
     for start in range(0, len(records), settings.batch_size):
         batch = records[start : start + settings.batch_size]
         tensors = [torch.tensor([r[key] for r in batch], dtype=torch.float64) for key in loss_inputs]
-        loss = batch_loss(settings.loss_type, settings.loss_weights, settings.beta, *tensors, settings.label_smoothing)
-        if loss is None:
-            batch_losses = None
-            break
+        unweighted = (
+            torch.tensor([r["policy_chosen_logps_unweighted"] for r in batch], dtype=torch.float64)
+            if settings.ld_alpha is not None
+            else None
+        )
+        loss = batch_loss(
+            settings.loss_type, settings.loss_weights, settings.beta, *tensors, settings.label_smoothing,
+            f_divergence_type=settings.f_divergence_type, f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
+            discopop_tau=settings.discopop_tau, policy_chosen_unweighted=unweighted,
+        )  # fmt: skip
         batch_losses.append(loss.item())
         batch_sizes.append(len(batch))
     trainer = {key: mean_of_batch_means(values, settings.batch_size) for key, values in columns.items()}
-    trainer["loss"] = sample_weighted_batch_mean(batch_losses, batch_sizes) if batch_losses else None
+    trainer["loss"] = sample_weighted_batch_mean(batch_losses, batch_sizes)
     per_pair = {key: sum(values) / len(values) for key, values in {**columns, **per_token}.items()}
     # Before training every margin is 0, so this is the informative "does the model prefer chosen" figure.
     per_pair["chosen_logp_higher"] = sum(r["policy_chosen_logps"] > r["policy_rejected_logps"] for r in records) / len(
@@ -458,239 +476,22 @@ def format_table(summary: dict, output: Path) -> str:
     trainer, per_pair = summary["trainer_equivalent"], summary["per_pair_mean"]
     fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
     trainer_label = f"trainer (batch {summary['eval_batch_size']})"
+    settings = summary["settings"]
+    precision = settings["dtype"] + (" + bf16 autocast" if settings["bf16"] else " + fp16 autocast" if settings["fp16"]
+                                     else "")  # fmt: skip
     lines = [
-        f"dpolab eval: {summary['model']}  vs reference {summary['ref']}",
+        f"dpolab eval: {summary['model']}  vs reference {summary['ref']}  ({precision})",
         f"  {summary['pairs']} pairs from {summary['data']} ({summary['dropped_pairs']} dropped: prompt >= max_length; "
         f"{summary['truncated_pairs']} truncated)",
         f"  {'metric (TRL name)':<28}{trainer_label:>20}{'per-pair mean':>16}",
     ]
     for key in METRICS:
         lines.append(f"  {key:<28}{fmt(trainer.get(key)):>20}{fmt(per_pair.get(key)):>16}")
-    for key in ("rewards/margins/per_token", "logps/chosen/per_token", "logps/rejected/per_token"):
+    for key in PER_TOKEN_METRICS:
         lines.append(f"  {key:<28}{'':>20}{fmt(per_pair[key]):>16}")
     lines += [
         "  trainer = TRL's logged figure: the mean of per-batch means (eval_loss: batch losses weighted by size).",
         "  logps are sums over completion tokens; per_token rows divide each by its token count.",
-        f"  written: {output / 'eval.jsonl'} (per pair), {output / 'eval.json'}",
+        f"  written: {output / EVAL_RECORDS} (per pair), {output / EVAL_SUMMARY}",
     ]
     return "\n".join(lines)
-
-
-# --- `dpolab sweep`: the base model and every checkpoint of a run on held-out pairs ---------------------------
-
-SWEEP_COLUMNS = ("step", "name", "loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-                 "chosen_logp_higher")  # fmt: skip
-
-
-def make_sweep_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpolab sweep",
-        description="Evaluate the base model and each checkpoint-N and final/ of a run: sweep.csv and sweep.png.",
-    )
-    parser.add_argument("run_dir")
-    parser.add_argument("--data", help="held-out pairs (default: the run's dataset_name)")
-    parser.add_argument("--split", help="split (default: the run's eval_split)")
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--batch_size", type=int)
-    return parser
-
-
-def sweep_points(run_dir: Path) -> list[tuple[str, int, str]]:
-    """(name, step, model) for the base model, each checkpoint-N in step order, and final/."""
-    from dpolab.config import load_yaml
-
-    if not (run_dir / "config.yaml").is_file():
-        raise DpolabError(f"{run_dir} is not a dpolab run directory: it has no config.yaml.")
-    points = [("base", 0, load_yaml(run_dir / "config.yaml")["model_name_or_path"])]
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    points += [(p.name, int(p.name.split("-")[-1]), str(p)) for p in checkpoints]
-    if (run_dir / "final").is_dir():
-        summary = run_dir / "summary.json"
-        final_step = json.loads(summary.read_text())["steps"] if summary.is_file() else points[-1][1] + 1
-        if final_step not in [step for _, step, _ in points]:
-            points.append(("final", final_step, str(run_dir / "final")))
-    return points
-
-
-def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Evaluate each point once (an eval.json with the same settings is reused), then write the table and plot."""
-    run_dir = Path(args.run_dir)
-    overrides = {k: v for k, v in vars(args).items() if k != "run_dir"}
-    rows = []
-    for name, step, model in sweep_points(run_dir):
-        settings = apply_overrides(run_settings(run_dir, model, name), overrides)
-        previous = Path(settings.output_dir) / "eval.json"
-        summary = json.loads(previous.read_text()) if previous.is_file() else None
-        if summary is not None and summary.get("settings") == asdict(settings):
-            print(f"{name}: already evaluated ({previous})")
-        else:
-            print(f"{name}: evaluating {model}")
-            summary = evaluate_model(settings)
-        metrics = headline_metrics(summary)
-        rows.append({"step": step, "name": name, **{key: metrics.get(key) for key in SWEEP_COLUMNS[2:]}})
-    write_sweep(rows, run_dir)
-    return rows
-
-
-def write_sweep(rows: list[dict], run_dir: Path) -> None:
-    import csv
-
-    with open(run_dir / "sweep.csv", "w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=SWEEP_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_sweep(rows, run_dir / "sweep.png")
-    width = 12
-    print("".join(f"{column[: width - 1]:>{width}}" for column in SWEEP_COLUMNS))
-    for row in rows:
-        print("".join(f"{_cell(row[column]):>{width}}" for column in SWEEP_COLUMNS))
-    print(f"written: {run_dir / 'sweep.csv'}, {run_dir / 'sweep.png'}")
-
-
-def _cell(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in rows]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    panels = [
-        ("held-out DPO loss", ["loss"]),
-        ("held-out reward accuracy (strict >)", ["rewards/accuracies", "chosen_logp_higher"]),
-        ("held-out reward margin", ["rewards/margins"]),
-        ("held-out log-probs (sum over tokens)", ["logps/chosen", "logps/rejected"]),
-    ]
-    for axis, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            values = [row[key] for row in rows]
-            if any(value is not None for value in values):
-                axis.plot(steps, values, marker="o", label=key)
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step (0 = base model)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(f"Checkpoint sweep: {path.parent.name}")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-# --- length bias: does the margin follow the length difference? ----------------------------------------------
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 2:
-        return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
-    var_x = sum((x - mean_x) ** 2 for x in xs)
-    var_y = sum((y - mean_y) ** 2 for y in ys)
-    return None if var_x == 0 or var_y == 0 else cov / (var_x * var_y) ** 0.5
-
-
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank (as Spearman's rho needs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    result = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            result[order[position]] = (start + end) / 2 + 1
-        start = end + 1
-    return result
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    return pearson(ranks(xs), ranks(ys))
-
-
-# Half-open [low, high) token-difference buckets, symmetric around "equal length".
-LENGTH_BUCKETS = ((-(10**9), -50), (-50, -10), (-10, 0), (0, 1), (1, 11), (11, 51), (51, 10**9))
-
-
-def length_bias(records: list[dict]) -> dict:
-    """Margins against the token-length difference (chosen - rejected), for sums and per-token means."""
-    differences = [r["chosen_tokens"] - r["rejected_tokens"] for r in records]
-    buckets = []
-    for low, high in LENGTH_BUCKETS:
-        members = [r for r, d in zip(records, differences) if low <= d < high]
-        if members:
-            buckets.append({
-                "length_difference": _bucket_label(low, high),
-                "pairs": len(members),
-                "accuracy": sum(r["correct"] for r in members) / len(members),
-                "mean_margin": sum(r["margin"] for r in members) / len(members),
-                "mean_margin_per_token": sum(r["margin_per_token"] for r in members) / len(members),
-            })  # fmt: skip
-    margins = [r["margin"] for r in records]
-    per_token = [r["margin_per_token"] for r in records]
-    decided = [d for d in differences if d != 0]
-    return {
-        "buckets": buckets,
-        "pearson_margin_vs_length_difference": pearson(differences, margins),
-        "spearman_margin_vs_length_difference": spearman(differences, margins),
-        "pearson_per_token_margin_vs_length_difference": pearson(differences, per_token),
-        "spearman_per_token_margin_vs_length_difference": spearman(differences, per_token),
-        "model_accuracy": sum(r["correct"] for r in records) / len(records),
-        # "The longer answer wins": right when chosen is longer; ties in length count as wrong, like TRL's '>'.
-        "longer_wins_accuracy": sum(d > 0 for d in differences) / len(records),
-        "chosen_longer_share": sum(d > 0 for d in differences) / len(records),
-        "equal_length_share": 1 - len(decided) / len(records),
-    }
-
-
-def _bucket_label(low: int, high: int) -> str:
-    if low == -(10**9):
-        return f"< {high}"
-    if high == 10**9:
-        return f">= {low}"
-    return "0" if (low, high) == (0, 1) else f"[{low}, {high})"
-
-
-def format_length_bias(bias: dict) -> str:
-    fmt = lambda value: "-" if value is None else f"{value:+.3f}"  # noqa: E731
-    lines = [
-        "length bias (chosen tokens - rejected tokens):",
-        f"  {'difference':<14}{'pairs':>7}{'accuracy':>10}{'mean margin':>13}{'per token':>11}",
-    ]
-    for bucket in bias["buckets"]:
-        lines.append(
-            f"  {bucket['length_difference']:<14}{bucket['pairs']:>7}{bucket['accuracy']:>10.3f}"
-            f"{bucket['mean_margin']:>13.4f}{bucket['mean_margin_per_token']:>11.4f}"
-        )
-    lines += [
-        f"  margin vs length difference: Pearson {fmt(bias['pearson_margin_vs_length_difference'])}, "
-        f"Spearman {fmt(bias['spearman_margin_vs_length_difference'])}; per-token margin: Pearson "
-        f"{fmt(bias['pearson_per_token_margin_vs_length_difference'])}, Spearman "
-        f"{fmt(bias['spearman_per_token_margin_vs_length_difference'])}",
-        f"  model accuracy {bias['model_accuracy']:.3f} vs 'longer answer wins' {bias['longer_wins_accuracy']:.3f}; "
-        f"chosen is longer in {bias['chosen_longer_share']:.1%} of pairs, "
-        f"equal length in {bias['equal_length_share']:.1%}",
-    ]
-    return "\n".join(lines)
-
-
-def make_lengthbias_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpolab lengthbias", description="Length bias from an eval.jsonl.")
-    parser.add_argument("path", help="eval.jsonl, or the directory holding it")
-    return parser
-
-
-def run_lengthbias(args: argparse.Namespace) -> dict:
-    path = Path(args.path)
-    path = path / "eval.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise DpolabError(f"No eval.jsonl at {path}: run `dpolab eval` first.")
-    from dpolab.train import read_jsonl
-
-    bias = length_bias(read_jsonl(path))
-    print(format_length_bias(bias))
-    return bias

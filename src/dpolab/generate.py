@@ -2,19 +2,29 @@
 
 Prompts come from a file (.jsonl with `prompt` as a string or message list, or .txt one per line) or the
 built-in set in prompts.jsonl. The chat template is applied; decoding is greedy or seeded sampling.
-Writes generations.jsonl and generations.html (one row per prompt, one column per model).
+Writes generations.jsonl, generations.json (statistics per model) and generations.html (one row per prompt,
+one column per model).
 """
 
 from __future__ import annotations
 
-import argparse
-import html
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab.errors import DpolabError
+from dpolab.rundir import (
+    GENERATION_STATS,
+    GENERATIONS,
+    GENERATIONS_HTML,
+    RunDir,
+    locate_model,
+    write_atomic,
+    write_json,
+    write_jsonl,
+)
 
 BUILTIN_PROMPTS = Path(__file__).parent / "prompts.jsonl"
 
@@ -107,22 +117,67 @@ def length_stats(rows: list[dict]) -> dict:
 # --- the workflow -----------------------------------------------------------------------------------------------
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpolab generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models",
-        required=True,
-        help="comma-separated: model dirs, run dirs (their final/), checkpoints, Hub ids, .gguf; "
-        "'base' = the base model of the run the others belong to",
+@dataclass
+class GenerateConfig:
+    """The same prompts through several models, side by side: generations.jsonl, generations.json (length
+    statistics per model) and generations.html."""
+
+    models: str = field(
+        metadata={"help": "comma-separated: model dirs, run dirs (their final/), checkpoints, Hub ids, .gguf; "
+                          "'base' = the base model of the run the others belong to"}
+    )  # fmt: skip
+    prompts: str | None = field(default=None, metadata={"help": "prompts file (.jsonl or .txt); default: 20 built-in"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest reply, in tokens"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call"})
+    do_sample: bool = field(default=False, metadata={"help": "sample (seeded) instead of greedy decoding"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (with --do_sample)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "default: the run directory of the models, else runs/generate-<time>"}
     )
-    parser.add_argument("--prompts", help="prompts file (.jsonl or .txt); default: the built-in set of 20")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--do_sample", action="store_true", help="sample (seeded) instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", help="default: the run directory of the models, else runs/generate-<time>")
-    return parser
+
+
+def run(config: GenerateConfig) -> list[dict]:
+    """Generate with each model in turn, then write the rows, the statistics and the side-by-side page."""
+    prompts = load_prompts(config.prompts)
+    models, run = resolve_models(config.models)
+    output = Path(config.output_dir or (run.path if run else f"runs/generate-{time.strftime('%Y%m%d-%H%M%S')}"))
+    rows = generate_all(models, prompts, config)
+    stats = {label: length_stats([row for row in rows if row["model"] == label]) for label, _ in models}
+    write_jsonl(output / GENERATIONS, rows)
+    write_json(output / GENERATION_STATS, {"decoding": decoding_record(config), "models": stats})
+    write_atomic(output / GENERATIONS_HTML, generations_page(rows, stats, config))
+    print(format_stats(stats))
+    print(f"written: {output / GENERATIONS}, {output / GENERATIONS_HTML}")
+    return rows
+
+
+def generate_all(models: list[tuple[str, str]], prompts: list[list[dict]], config: GenerateConfig) -> list[dict]:
+    """One row per (model, prompt): the reply, its length in new tokens and whether it hit max_new_tokens."""
+    from dpolab.models import adapter_base, is_adapter, load_generation_model, load_tokenizer, resolve_model
+
+    rows = []
+    for label, model_name in models:
+        path = model_name if is_adapter(model_name) else resolve_model(model_name)
+        has_tokenizer = Path(path, "tokenizer_config.json").is_file() or not is_adapter(path)
+        tokenizer = load_tokenizer(path if has_tokenizer else adapter_base(path))
+        if tokenizer.chat_template is None:
+            raise DpolabError(f"{label} ({path}) has no chat template; `dpolab generate` needs a chat model.")
+        model = load_generation_model(path)
+        replies = generate_responses(
+            model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            do_sample=config.do_sample, temperature=config.temperature, seed=config.seed,
+            desc=f"Generating ({label})",
+        )  # fmt: skip
+        for index, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
+            rows.append({"prompt_index": index, "prompt": prompt, "model": label, **reply})
+        del model
+    return rows
+
+
+def decoding_record(config: GenerateConfig) -> dict:
+    return {"do_sample": config.do_sample, "temperature": config.temperature if config.do_sample else None,
+            "seed": config.seed, "max_new_tokens": config.max_new_tokens}  # fmt: skip
 
 
 def load_prompts(path: str | None) -> list[list[dict]]:
@@ -148,57 +203,21 @@ def load_prompts(path: str | None) -> list[list[dict]]:
     return prompts
 
 
-def resolve_models(spec: str) -> tuple[list[tuple[str, str]], Path | None]:
-    """[(label, model path)] from the --models list, and the run directory they belong to (if any)."""
-    from dpolab.config import load_yaml
-    from dpolab.evaluate import locate_model
-
+def resolve_models(spec: str) -> tuple[list[tuple[str, str]], RunDir | None]:
+    """[(label, model path)] from the --models list, and the run they belong to (if they share one)."""
     labels = [label.strip() for label in spec.split(",") if label.strip()]
     located = {label: locate_model(label) for label in labels if label != "base"}
-    run_dirs = {run_dir for _, run_dir in located.values() if run_dir is not None}
-    run_dir = next(iter(run_dirs)) if len(run_dirs) == 1 else None
+    runs = {run.path for _, run in located.values() if run is not None}
+    run = RunDir(next(iter(runs))) if len(runs) == 1 else None
     models = []
     for label in labels:
         if label == "base":
-            if run_dir is None:
+            if run is None:
                 raise DpolabError("'base' needs the other --models to be inside one dpolab run directory.")
-            models.append(("base", load_yaml(run_dir / "config.yaml")["model_name_or_path"]))
+            models.append(("base", run.base_model()))
         else:
             models.append((label, located[label][0]))
-    return models, run_dir
-
-
-def run(args: argparse.Namespace) -> list[dict]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dpolab.models import load_tokenizer, resolve_model
-
-    prompts = load_prompts(args.prompts)
-    models, run_dir = resolve_models(args.models)
-    output = Path(args.output_dir or run_dir or f"runs/generate-{time.strftime('%Y%m%d-%H%M%S')}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for label, model_name in models:
-        path = resolve_model(model_name)
-        tokenizer = load_tokenizer(path)
-        if tokenizer.chat_template is None:
-            raise DpolabError(f"{label} ({path}) has no chat template; `dpolab generate` needs a chat model.")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-        replies = generate_responses(
-            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            do_sample=args.do_sample, temperature=args.temperature, seed=args.seed, desc=f"Generating ({label})",
-        )  # fmt: skip
-        for index, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
-            rows.append({"prompt_index": index, "prompt": prompt, "model": label, **reply})
-        del model
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    stats = {label: length_stats([row for row in rows if row["model"] == label]) for label, _ in models}
-    (output / "generations.html").write_text(generations_html(rows, stats, args), encoding="utf-8")
-    print(format_stats(stats))
-    print(f"written: {output / 'generations.jsonl'}, {output / 'generations.html'}")
-    return rows
+    return models, run
 
 
 def format_stats(stats: dict) -> str:
@@ -211,51 +230,16 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def stats_table_html(stats: dict) -> str:
-    head = "<tr><th>model</th><th>mean new tokens</th><th>median</th><th>hit max_new_tokens</th>"
-    head += "<th>distinct-2</th><th>repetition rate</th></tr>"
-    body = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{s['mean_new_tokens']:.1f}</td><td>{s['median_new_tokens']:.1f}</td>"
-        f"<td>{s['hit_max_share']:.0%}</td><td>{s['distinct_2']:.3f}</td><td>{s['repetition_rate']:.3f}</td></tr>"
-        for label, s in stats.items()
-    )
-    return f"<table class='stats'>{head}{body}</table>"
+def generations_page(rows: list[dict], stats: dict, config: GenerateConfig) -> str:
+    from dpolab.render import generation_stats_table, page, side_by_side
 
-
-def side_by_side_html(rows: list[dict]) -> str:
-    labels = list(dict.fromkeys(row["model"] for row in rows))
-    by_prompt: dict[int, dict] = {}
-    for row in rows:
-        by_prompt.setdefault(row["prompt_index"], {"prompt": row["prompt"]})[row["model"]] = row
-    head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
-    body = ""
-    for entry in by_prompt.values():
-        prompt = html.escape(entry["prompt"][-1]["content"])
-        cells = "".join(
-            f"<td><pre>{html.escape(entry[label]['reply'])}</pre><small>{entry[label]['new_tokens']} tokens"
-            f"{' (cut at max)' if entry[label]['hit_max'] else ''}</small></td>"
-            for label in labels
-        )
-        body += f"<tr><td class='prompt'>{prompt}</td>{cells}</tr>"
-    return f"<table class='side'>{head}{body}</table>"
-
-
-PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
-table { border-collapse: collapse; margin: 12px 0; }
-th, td { border: 1px solid #ccc; padding: 6px 8px; vertical-align: top; text-align: left; font-size: 13px; }
-th { background: #f3f3f3; }
-pre { white-space: pre-wrap; margin: 0; font-family: inherit; max-width: 420px; }
-td.prompt { max-width: 260px; font-weight: 600; }
-small { color: #777; }
-"""
-
-
-def generations_html(rows: list[dict], stats: dict, args) -> str:
-    decoding = f"sampling, temperature {args.temperature}, seed {args.seed}" if args.do_sample else "greedy"
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>dpolab generations</title>"
-        f"<style>{PAGE_STYLE}</style></head><body><h1>Generations</h1>"
-        f"<p>{decoding}; max_new_tokens {args.max_new_tokens}; chat template applied.</p>"
-        f"{stats_table_html(stats)}{side_by_side_html(rows)}</body></html>"
+    decoding = f"sampling, temperature {config.temperature}, seed {config.seed}" if config.do_sample else "greedy"
+    return page(
+        "dpolab generations",
+        [
+            "<h1>Generations</h1>",
+            f"<p>{decoding}; max_new_tokens {config.max_new_tokens}; chat template applied.</p>",
+            generation_stats_table(stats),
+            side_by_side(rows),
+        ],
     )

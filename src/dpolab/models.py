@@ -1,12 +1,15 @@
-"""Models: a Hub id, a local directory, or a .gguf file (converted once into a safetensors directory).
+"""Models: where they are, and loading a policy, a reference, a LoRA adapter or a .gguf, plus TRL glue.
 
-`resolve_model` finds where a model lives without loading its weights, so a missing model fails before
-any data is read; training and evaluation then load from the directory it returns.
+`resolve_model` finds where a model lives (a Hub id, a local directory, or a .gguf file converted once into a
+safetensors directory) without loading its weights, so a missing model fails before any data is read; every
+workflow then loads from the directory it returns through the loaders below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -122,3 +125,107 @@ def load_tokenizer(model_path: str, *, revision: str = "main", trust_remote_code
         return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise DpolabError(f"No usable tokenizer in {model_path}: {error}") from None
+
+
+def is_adapter(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(model: str) -> str | None:
+    """The base model a LoRA adapter directory was trained on, or None when `model` is not an adapter."""
+    config = Path(model) / "adapter_config.json"
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+
+
+def torch_dtype(name: str | None):
+    """A `dtype` field's value (float32, bfloat16, float16, auto or None) as what `from_pretrained` takes."""
+    import torch
+
+    return "auto" if name in (None, "auto") else getattr(torch, name)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_scoring_model(path: str, dtype: str | None, trust_remote_code: bool = False):
+    """A model (or base + LoRA adapter) in eval mode on the GPU if there is one, with TRL's fused LM head, so it
+    scores log-probs exactly as the trainer does."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(
+            adapter_base(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+        add_fused_lm_head(base)  # before wrapping, as TRL does
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+        add_fused_lm_head(model)
+    return model.to(device()).eval()
+
+
+def load_generation_model(path: str, dtype: str | None = "auto"):
+    """A causal LM (a LoRA adapter directory loads with its base) for `generate`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_dtype(dtype))
+        return PeftModel.from_pretrained(base, path).to(device()).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device()).eval()
+
+
+def check_same_tokenizer(policy_tokenizer, ref_tokenizer, policy_path: str, ref_path: str) -> None:
+    """Margins compare token-level log-probs, so policy and reference must tokenize identically."""
+    if policy_tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise DpolabError(
+            f"The policy ({policy_path}) and reference ({ref_path}) tokenizers differ "
+            f"({len(policy_tokenizer)} vs {len(ref_tokenizer)} tokens): log-prob margins between them mean nothing. "
+            f"Give the base model the policy was trained from as --ref."
+        )
+
+
+def check_same_architecture(policy_path: str, ref_path: str) -> None:
+    """A reference of another architecture gives numbers, but they are not DPO's implicit rewards."""
+    from transformers import AutoConfig
+
+    policy, ref = AutoConfig.from_pretrained(policy_path), AutoConfig.from_pretrained(ref_path)
+
+    def shape(config):
+        return config.model_type, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+
+    if shape(policy) != shape(ref):
+        raise DpolabError(
+            f"The reference ({ref_path}: {ref.model_type}, hidden {getattr(ref, 'hidden_size', '?')}, "
+            f"{getattr(ref, 'num_hidden_layers', '?')} layers) is not the architecture of the policy ({policy_path}: "
+            f"{policy.model_type}, hidden {getattr(policy, 'hidden_size', '?')}, "
+            f"{getattr(policy, 'num_hidden_layers', '?')} layers). Give the base model the policy was trained from."
+        )
+
+
+@contextlib.contextmanager
+def score_completion_tokens_only():
+    """Run TRL's fused LM head on completion positions only, on the CPU too.
+
+    TRL 1.16 compacts to the positions it scores only on Triton devices (elsewhere every position, prompt and
+    padding included, goes through the vocabulary projection and is then zeroed); on the CPU that projection
+    dominates small models with large vocabularies. The log-probs are the same (bench/RESULTS.md). This is the
+    one patch of a private TRL function (`trl.trainer.utils._use_triton`); tests/test_train.py pins it.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original

@@ -6,7 +6,6 @@ step are 2 x batch x max_length: DPOTrainer runs chosen and rejected as one batc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, replace
@@ -130,52 +129,43 @@ def recommend(model: ModelShape, run: RunShape, budget_bytes: int) -> RunShape |
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpolab plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset")
-    parser.add_argument("--config")
-    parser.add_argument("--model_name_or_path")
-    parser.add_argument("--per_device_train_batch_size", type=int)
-    parser.add_argument("--gradient_accumulation_steps", type=int)
-    parser.add_argument("--max_length", type=int)
-    parser.add_argument("--activation_checkpointing", type=_bool)
-    parser.add_argument("--use_peft", type=_bool)
-    parser.add_argument("--lora_r", type=int)
-    parser.add_argument("--precompute_ref_log_probs", type=_bool)
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES))
-    parser.add_argument("--gpu_memory_gib", type=float, default=24.0, help="the card's memory (default 24)")
-    return parser
+@dataclass
+class PlanConfig:
+    """`dpolab plan`: train's own fields (a preset, a YAML file, `--field value`) plus the card's memory."""
+
+    train: object  # dpolab.config.TrainConfig (TRL's dataclasses: imported lazily)
+    gpu_memory_gib: float = 24.0
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> PlanConfig:
+        from dpolab.config import parse_train_args, pop_option
+
+        argv = list(argv)
+        memory = pop_option(argv, "--gpu_memory_gib")
+        try:
+            gpu_memory_gib = float(memory) if memory is not None else cls.gpu_memory_gib
+        except ValueError:
+            raise DpolabError(f"--gpu_memory_gib takes a number of GiB, got {memory!r}.") from None
+        return cls(train=parse_train_args(argv, require_data=False), gpu_memory_gib=gpu_memory_gib)
+
+    @staticmethod
+    def usage(prog: str) -> str:
+        return (
+            f"usage: {prog} (--preset NAME | --config FILE.yaml) [--field value ...] [--gpu_memory_gib GIB]\n\n"
+            f"{__doc__.splitlines()[0]}\nTakes every field `dpolab train` takes (see `dpolab train --help`); "
+            "--gpu_memory_gib is the card's memory (default 24)."
+        )
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-# TRL's defaults for the fields plan reads (DPOConfig: batch 8, max_length 1024, checkpointing on;
-# ModelConfig: dtype float32).
-PLAN_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 1024,
-                 "activation_checkpointing": True, "use_peft": False, "lora_r": 16, "precompute_ref_log_probs": False,
-                 "dtype": "float32"}  # fmt: skip
-
-
-def resolve(args: argparse.Namespace) -> tuple[str, dict]:
-    """(model name, settings): TRL's defaults < preset or config YAML < flags."""
-    from dpolab.config import load_yaml, preset_path
-
-    values = dict(PLAN_DEFAULTS)
-    if args.preset or args.config:
-        loaded = load_yaml(preset_path(args.preset) if args.preset else args.config)
-        if "gradient_checkpointing" in loaded and "activation_checkpointing" not in loaded:
-            loaded["activation_checkpointing"] = loaded["gradient_checkpointing"]
-        values.update({k: v for k, v in loaded.items() if k in values or k == "model_name_or_path"})
-    values.update({k: v for k, v in vars(args).items() if v is not None and k in (*values, "model_name_or_path")})
-    if not values.get("model_name_or_path"):
-        raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
-    return values["model_name_or_path"], values
+def run_shape(train) -> RunShape:
+    """The memory-relevant settings of a resolved train config."""
+    training, model = train.training, train.model
+    return RunShape(
+        batch=training.per_device_train_batch_size, max_length=training.max_length or 1024,
+        accumulation=training.gradient_accumulation_steps, checkpointing=bool(training.activation_checkpointing),
+        weight_bytes=DTYPE_BYTES[model.dtype or "float32"], peft=bool(model.use_peft), lora_r=model.lora_r,
+        precompute_ref=bool(training.precompute_ref_log_probs),
+    )  # fmt: skip
 
 
 def model_config(name: str) -> dict:
@@ -196,41 +186,38 @@ def model_config(name: str) -> dict:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    name, values = resolve(args)
-    config = model_config(name)
+def run(config: PlanConfig) -> int:
+    name = config.train.model.model_name_or_path
+    if not name:
+        raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
+    model_config_values = model_config(name)
     try:
-        model = shape_from_config(config)
+        model = shape_from_config(model_config_values)
     except KeyError as missing:
         raise DpolabError(
             f"{name}: config.json lacks {missing}; plan knows decoder-only (Llama/Qwen2-style) models."
         ) from None
-    run_shape = RunShape(
-        batch=values["per_device_train_batch_size"], max_length=values["max_length"],
-        accumulation=values["gradient_accumulation_steps"], checkpointing=bool(values["activation_checkpointing"]),
-        weight_bytes=DTYPE_BYTES[values["dtype"] or "float32"], peft=bool(values["use_peft"]), lora_r=values["lora_r"],
-        precompute_ref=bool(values["precompute_ref_log_probs"]),
-    )  # fmt: skip
-    budget = int(args.gpu_memory_gib * GIB)
-    components = estimate(model, run_shape)
+    shape = run_shape(config.train)
+    budget = int(config.gpu_memory_gib * GIB)
+    components = estimate(model, shape)
     print(f"{name}: {model.params / 1e6:.0f}M parameters, vocabulary {model.vocab:,}, {model.layers} layers")
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731
-    print(f"settings: batch {run_shape.batch} x accumulation {run_shape.accumulation}, max_length "
-          f"{run_shape.max_length}, {values['dtype']} weights, checkpointing {on_off(run_shape.checkpointing)}, "
-          f"LoRA {on_off(run_shape.peft)}, precomputed reference {on_off(run_shape.precompute_ref)}")  # fmt: skip
+    print(f"settings: batch {shape.batch} x accumulation {shape.accumulation}, max_length "
+          f"{shape.max_length}, {config.train.model.dtype} weights, checkpointing {on_off(shape.checkpointing)}, "
+          f"LoRA {on_off(shape.peft)}, precomputed reference {on_off(shape.precompute_ref)}")  # fmt: skip
     print(format_components(components))
     total = sum(components.values())
     fits = total <= budget
     print(f"  {'estimated peak':<42}{total / GIB:>8.2f} GiB  -> {'fits' if fits else 'does NOT fit'} "
-          f"{args.gpu_memory_gib:g} GiB")  # fmt: skip
+          f"{config.gpu_memory_gib:g} GiB")  # fmt: skip
     print("  (logits: TRL 1.16 scores them through a fused, chunked LM head, so the real peak can be lower)")
-    best = recommend(model, run_shape, budget)
+    best = recommend(model, shape, budget)
     if best is None:
-        print(f"\nNothing fits {args.gpu_memory_gib:g} GiB at max_length {run_shape.max_length}: try use_peft true, "
+        print(f"\nNothing fits {config.gpu_memory_gib:g} GiB at max_length {shape.max_length}: try use_peft true, "
               "precompute_ref_log_probs true, a shorter max_length, or bf16 weights (dtype bfloat16).")  # fmt: skip
         return 1
     best_total = sum(estimate(model, best).values())
-    print(f"\nrecommended for {args.gpu_memory_gib:g} GiB (same global batch {best.batch * best.accumulation}): "
+    print(f"\nrecommended for {config.gpu_memory_gib:g} GiB (same global batch {best.batch * best.accumulation}): "
           f"--per_device_train_batch_size {best.batch} --gradient_accumulation_steps {best.accumulation} "
           f"--activation_checkpointing {str(best.checkpointing).lower()}   (~{best_total / GIB:.1f} GiB)")  # fmt: skip
     return 0
