@@ -19,6 +19,8 @@ COMMANDS = {
              "DPO on SmolLM2-135M-Instruct with generated arithmetic pairs: before -> after, in minutes"),
     "train": ("dpolab.train", "dpolab.config.TrainConfig",
               "train with TRL's DPOTrainer: dpolab train (--config FILE.yaml | --preset NAME) [--field value ...]"),
+    "train --grid": ("dpolab.grid", "GridConfig",
+                     "one run per combination: dpolab train ... --grid beta=0.05,0.1 [--grid ...], then compare"),
     "data check": ("dpolab.datacheck", "DataCheckConfig",
                    "validate preference data and print its format, lengths and truncation"),
     "eval": ("dpolab.evaluate", "EvalConfig",
@@ -28,6 +30,7 @@ COMMANDS = {
     "generate": ("dpolab.generate", "GenerateConfig",
                  "the same prompts through several models, side by side (HTML + length statistics)"),
     "report": ("dpolab.report", "ReportConfig", "curves (PNG), diagnostics and a self-contained report.html"),
+    "compare": ("dpolab.compare", "CompareConfig", "runs side by side: settings that differ, metrics, curves overlaid"),
     "doctor": ("dpolab.doctor", "DoctorConfig",
                "check the installed versions, torch build, GPU, numpy ABI, cache and Hub access"),
     "plan": ("dpolab.plan", "PlanConfig", "estimate peak GPU memory by component and a setting that fits the card"),
@@ -58,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
-    name = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+    words = 2 if argv[0] == "data" else 1  # `data check` is one command of two words
+    name, argv = " ".join(argv[:words]), argv[words:]
+    if name == "train" and any(arg.split("=")[0] == "--grid" for arg in argv):
+        name = "train --grid"
     if name not in COMMANDS:
         print(f"dpolab: unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
         return 2
-    argv = argv[len(name.split()) :]
     module_name, class_name, _ = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)

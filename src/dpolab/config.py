@@ -100,6 +100,8 @@ class TrainConfig:
     training: DPOConfig  # noqa: F821 (trl is imported lazily)
     model: ModelConfig  # noqa: F821
     source: str  # the preset or YAML file the values came from, or "defaults"
+    name_stem: str = "dpo"  # what an unnamed run's name starts with: the preset's or YAML file's stem
+    named: bool = False  # whether run_name was given (in YAML or on the command line)
 
     @property
     def run_dir(self) -> Path:
@@ -193,7 +195,7 @@ def _unknown_key_message(key: str, known: list[str], origin: str) -> str:
     return f"{origin}: unknown key '{key}'.{did_you_mean} (`dpolab train --help` lists every field.)"
 
 
-def _declared_type(key: str) -> str:
+def declared_type(key: str) -> str:
     """A field's annotation as written in its dataclass (HfArgumentParser rewrites `Field.type` in place)."""
     from trl import DPOConfig, ModelConfig
 
@@ -237,7 +239,7 @@ def _yaml_to_argv(values: dict, parser, origin: str, problems: list[str]) -> tup
         elif isinstance(value, list):
             if action.nargs in ("+", "*"):
                 argv += [f"--{key}", *(_scalar_to_arg(item) for item in value)]
-            elif "list" in _declared_type(key) and all(isinstance(item, str) for item in value):
+            elif "list" in declared_type(key) and all(isinstance(item, str) for item in value):
                 direct[key] = value
             else:
                 problems.append(f"{origin}: '{key}' takes a single value, got a list {value!r}.")
@@ -328,7 +330,8 @@ def parse_train_args(argv: list[str], require_data: bool = True) -> TrainConfig:
     for name in _optional_script_fields():  # `--eval_split none` unsets a preset's split
         if isinstance(getattr(namespace, name), str) and getattr(namespace, name).lower() in NONE_WORDS:
             setattr(namespace, name, None)
-    namespace.run_name = namespace.run_name or f"{path.stem if path else 'dpo'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    named, name_stem = namespace.run_name is not None, path.stem if path else "dpo"
+    namespace.run_name = namespace.run_name or f"{name_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     namespace.output_dir = str(Path(namespace.runs_dir) / namespace.run_name)
     if namespace.bf16 is None:  # TRL turns an unset bf16 into True, which fails outright on a CPU-only machine
         namespace.bf16 = _bf16_supported() and not namespace.fp16
@@ -336,7 +339,7 @@ def parse_train_args(argv: list[str], require_data: bool = True) -> TrainConfig:
     problems = validate(script, training, model, require_data)
     if problems:
         raise DpolabError("Invalid configuration:\n  - " + "\n  - ".join(problems))
-    return TrainConfig(script=script, training=training, model=model, source=origin)
+    return TrainConfig(script=script, training=training, model=model, source=origin, name_stem=name_stem, named=named)
 
 
 def _optional_script_fields() -> list[str]:
@@ -505,7 +508,9 @@ def parse_config(config_class, argv: list[str]):
             else:
                 _assign(option, raw, "command line", values, problems)
             continue
-        if positional:
+        if positional and positional[0].is_list:  # a list takes every remaining positional value
+            values.setdefault(positional[0].name, []).append(token)
+        elif positional:
             _assign(positional.pop(0), [token], "command line", values, problems)
         else:
             problems.append(f"command line: unexpected value '{token}' (options are written `--field value`).")

@@ -11,21 +11,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.errors import DpolabError
 from dpolab.render import CURVES, ema  # noqa: F401  (ema: TensorBoard's smoothing, re-exported for readers)
-from dpolab.rundir import (
-    DEMO_SUMMARY,
-    GENERATION_STATS,
-    GENERATIONS,
-    JUDGE_SUMMARY,
-    PROVENANCE_KEY,
-    REPORT_HTML,
-    SWEEP_PNG,
-    RunDir,
-    read_json,
-    read_jsonl,
-    write_atomic,
-)
+from dpolab.rundir import PROVENANCE_KEY, REPORT_HTML, SWEEP_PNG, RunDir, RunFiles, read_run_files, write_atomic
 
 CONFIG_SUMMARY_KEYS = (
     "model_name_or_path", "dataset_name", "train_split", "eval_split", "loss_type", "beta", "learning_rate",
@@ -41,50 +28,16 @@ class ReportConfig:
     run_dir: str = field(metadata={"positional": True, "help": "the run directory"})
 
 
-@dataclass
-class RunFiles:
-    """Everything a run's workflows wrote that the report shows (missing pieces are None or empty)."""
-
-    run: RunDir
-    records: list[dict]
-    config: dict
-    summary: dict | None
-    final_eval: dict | None
-    generations: list[dict]
-    generation_stats: dict | None
-    sweep: list[dict]
-    judge: dict | None
-    demo: dict | None
-
-
 def run(config: ReportConfig) -> Path:
     from dpolab.diagnostics import diagnose_run
 
-    files = read_run(RunDir(Path(config.run_dir)))
+    files = read_run_files(RunDir(Path(config.run_dir)))
     images = plot_curves(files)
     findings = diagnose_run(files.records, files.config, files.summary, files.generation_stats, files.final_eval)
     path = files.run.file(REPORT_HTML)
     write_atomic(path, render(files, images, [f.as_dict() for f in findings]))
     print(f"{len(findings)} diagnostic finding(s); report: {path}")
     return path
-
-
-def read_run(run: RunDir) -> RunFiles:
-    records = run.read_metrics()
-    if not records:
-        raise DpolabError(f"{run.path} has no metrics.jsonl (or it is empty): is it a dpolab run directory?")
-    return RunFiles(
-        run=run,
-        records=records,
-        config=run.read_config(),
-        summary=run.read_summary(),
-        final_eval=run.read_eval(),
-        generations=read_jsonl(run.file(GENERATIONS)),
-        generation_stats=read_json(run.file(GENERATION_STATS)),
-        sweep=run.read_sweep(),
-        judge=read_json(run.file(JUDGE_SUMMARY)),
-        demo=read_json(run.file(DEMO_SUMMARY)),
-    )
 
 
 def plot_curves(files: RunFiles) -> list[tuple[str, Path]]:

@@ -213,6 +213,41 @@ class RunDir:
             write_jsonl(self.metrics_file, [record for record in self.read_metrics() if record["step"] <= step])
 
 
+@dataclass
+class RunFiles:
+    """Everything a run's workflows wrote that report and compare show (missing pieces are None or empty)."""
+
+    run: RunDir
+    records: list[dict]
+    config: dict
+    summary: dict | None
+    final_eval: dict | None
+    generations: list[dict]
+    generation_stats: dict | None
+    sweep: list[dict]
+    judge: dict | None
+    demo: dict | None
+
+
+def read_run_files(run: RunDir) -> RunFiles:
+    """Read what a run holds; a directory without metrics is not a run (a DpolabError says so)."""
+    records = run.read_metrics()
+    if not records:
+        raise DpolabError(f"{run.path} has no {METRICS_FILE} (or it is empty): is it a dpolab run directory?")
+    return RunFiles(
+        run=run,
+        records=records,
+        config=run.read_config(),
+        summary=run.read_summary(),
+        final_eval=run.read_eval(),
+        generations=read_jsonl(run.file(GENERATIONS)),
+        generation_stats=read_json(run.file(GENERATION_STATS)),
+        sweep=run.read_sweep(),
+        judge=read_json(run.file(JUDGE_SUMMARY)),
+        demo=read_json(run.file(DEMO_SUMMARY)),
+    )
+
+
 def find_resume_checkpoint(run: RunDir, resume: bool) -> str | None:
     """The checkpoint to resume from (None for a new run); an existing run is never overwritten."""
     if not resume:
