@@ -50,8 +50,9 @@ RENAMED_KEYS = {
     "output_dir": "dpolab writes every run to `runs_dir`/`run_name`: set those instead of `output_dir`",
 }
 
-# dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked.
-DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True}
+# dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked, and
+# reference log-probs are computed once, before training (and cached), not in every step.
+DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True}
 
 
 @dataclass
@@ -78,6 +79,14 @@ class ScriptArguments:
     runs_dir: str = field(default="runs", metadata={"help": "Directory that holds one sub-directory per run."})
     resume: bool = field(
         default=False, metadata={"help": "Continue the existing run `runs_dir`/`run_name` from its last checkpoint."}
+    )
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack each batch into one row with every prompt computed once for both answers (dpolab's fast "
+            "path; equal to TRL's padded computation, tests/test_packing.py). Off, or where the model cannot take "
+            "it (the run says why): TRL's padded batches."
+        },
     )
     merge_lora: bool = field(
         default=False,

@@ -10,8 +10,6 @@ on disk, so evaluating ten checkpoints computes them once.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +70,10 @@ class EvalConfig:
         default=None,
         metadata={"help": "weights dtype (TRL's dtype)", "choices": ("float32", "bfloat16", "float16", "auto")},
     )
+    attn_implementation: str | None = field(default=None, metadata={"help": "attention implementation (TRL's)"})
+    fast_path: bool | None = field(
+        default=None, metadata={"help": "score pairs packed with their prompt shared, as dpolab's trainer does"}
+    )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast, as the trainer's `bf16`"})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 autocast, as the trainer's `fp16`"})
     output_dir: str | None = field(
@@ -89,7 +91,7 @@ FROM_RUN = {
     "ld_alpha": "ld_alpha", "f_divergence_type": "f_divergence_type",
     "f_alpha_divergence_coef": "f_alpha_divergence_coef", "discopop_tau": "discopop_tau",
     "use_weighting": "use_weighting", "batch_size": "per_device_eval_batch_size", "dtype": "dtype",
-    "bf16": "bf16", "fp16": "fp16",
+    "bf16": "bf16", "fp16": "fp16", "attn_implementation": "attn_implementation", "fast_path": "fast_path",
 }  # fmt: skip
 # Eval field -> the TRL field whose default applies when neither the user nor a run sets it.
 FROM_TRL = {
@@ -101,7 +103,7 @@ FROM_TRL = {
 }  # fmt: skip
 # dpolab's own defaults for what TRL has no field for (or, for bf16, a machine-dependent one).
 DEFAULTS = {"prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected", "holdout": 0.0,
-            "bf16": False}  # fmt: skip
+            "bf16": False, "fast_path": True}  # fmt: skip
 
 
 def run(config: EvalConfig) -> dict:
@@ -200,7 +202,9 @@ def evaluate(settings: EvalConfig) -> dict:
     else:
         from dpolab.models import load_scoring_model
 
-        model = load_scoring_model(policy_path, settings.dtype, settings.trust_remote_code)
+        model = load_scoring_model(
+            policy_path, settings.dtype, settings.trust_remote_code, settings.attn_implementation
+        )
         policy_logps = model_logps(model, examples, tokenizer, settings, desc="policy")
     records = pair_records(examples, policy_logps, ref_logps, settings)
     summary = aggregate(records, settings, dropped)
@@ -294,14 +298,18 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     from tqdm.auto import tqdm
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from dpolab import packing
     from dpolab.logps import length_weighted_logps
     from dpolab.models import score_completion_tokens_only
 
-    collator = DataCollatorForPreference(
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        max_length=settings.max_length,
-        truncation_mode=settings.truncation_mode,
-    )
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if settings.fast_path and packing.unsupported_reason(model.config, settings.truncation_mode) is None:
+        packing.install(model)
+        collator = packing.PackedCollator(pad_token_id=pad_token_id, max_length=settings.max_length)
+    else:
+        collator = DataCollatorForPreference(
+            pad_token_id=pad_token_id, max_length=settings.max_length, truncation_mode=settings.truncation_mode
+        )
     result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": [], "chosen_unweighted": []}
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     device = next(model.parameters()).device
@@ -315,8 +323,8 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
             )
             batch = {key: value.to(device) for key, value in batch.items()}
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                            fused_lm_head=True, use_cache=False)  # fmt: skip
+            inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
+            outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
             seq_len = batch["completion_mask"].size(1) - 1
             per_token = outputs.log_probs[:, -seq_len:].float()
             shifted_mask = batch["completion_mask"][:, 1:]
@@ -331,39 +339,36 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     return result
 
 
-def model_fingerprint(path: str) -> str:
-    """Identifies a model's weights without hashing them: the path and each weight file's size and mtime."""
-    directory = Path(path)
-    if not directory.is_dir():
-        return path  # a Hub id: its revision is fixed by the cache
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return json.dumps([str(directory.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-
-
-def ref_cache_key(ref_path: str, examples: list[dict], settings: EvalConfig) -> str:
-    """What reference log-probs depend on: the reference weights, the token ids, truncation and precision."""
-    token_ids = [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in examples]
-    parts = [model_fingerprint(ref_path), token_ids, settings.max_length, settings.truncation_mode, settings.dtype,
-             bool(settings.bf16), bool(settings.fp16), settings.ld_alpha]  # fmt: skip
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-
-
 def cached_ref_logps(settings: EvalConfig, ref_path: str, examples: list[dict], tokenizer) -> dict:
-    """Reference log-probs, computed once per (reference weights, token ids, truncation, precision), kept on disk."""
-    from dpolab.models import adapter_base, cache_dir, is_adapter, load_scoring_model
+    """Reference log-probs from dpolab's cache (written by an earlier eval or by the run's own pre-pass), else
+    computed and kept there."""
+    from dpolab.models import (
+        adapter_base,
+        is_adapter,
+        load_scoring_model,
+        read_reference_cache,
+        reference_cache_path,
+        token_ids_digest,
+        write_reference_cache,
+    )
 
-    path = cache_dir() / "ref_logps" / f"{ref_cache_key(ref_path, examples, settings)}.json"
-    if path.is_file():
-        print(f"Reference log-probs from cache: {path}")
-        return json.loads(path.read_text())
+    ids = {key: [e[key] for e in examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    path = reference_cache_path(
+        ref_path, token_ids_digest([ids]), max_length=settings.max_length, truncation_mode=settings.truncation_mode,
+        dtype=settings.dtype, bf16=settings.bf16, fp16=settings.fp16, ld_alpha=settings.ld_alpha,
+    )  # fmt: skip
+    cached = read_reference_cache(path)
+    if cached is not None:
+        return cached
     if is_adapter(settings.model) and settings.ref == adapter_base(settings.model):
-        model = load_scoring_model(settings.model, settings.dtype, settings.trust_remote_code)
+        model = load_scoring_model(
+            settings.model, settings.dtype, settings.trust_remote_code, settings.attn_implementation
+        )
         logps = model_logps(model, examples, tokenizer, settings, "reference", disable_adapter=True)
     else:
-        model = load_scoring_model(ref_path, settings.dtype, settings.trust_remote_code)
+        model = load_scoring_model(ref_path, settings.dtype, settings.trust_remote_code, settings.attn_implementation)
         logps = model_logps(model, examples, tokenizer, settings, desc="reference")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(logps))
+    write_reference_cache(path, logps)
     return logps
 
 

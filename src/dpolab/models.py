@@ -150,24 +150,23 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_scoring_model(path: str, dtype: str | None, trust_remote_code: bool = False):
+def load_scoring_model(path: str, dtype: str | None, trust_remote_code: bool = False, attn_implementation=None):
     """A model (or base + LoRA adapter) in eval mode on the GPU if there is one, with TRL's fused LM head, so it
     scores log-probs exactly as the trainer does."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    kwargs = dict(
+        dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    )
     if is_adapter(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(
-            adapter_base(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), **kwargs)
         add_fused_lm_head(base)  # before wrapping, as TRL does
         model = PeftModel.from_pretrained(base, path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         add_fused_lm_head(model)
     return model.to(device()).eval()
 
@@ -229,3 +228,52 @@ def score_completion_tokens_only():
         yield
     finally:
         trl_utils._use_triton = original
+
+
+# --- reference log-probs, computed once and kept on disk (shared by train's pre-pass, eval and sweep) --------------
+
+
+def model_fingerprint(path: str) -> str:
+    """Identifies a model's weights without hashing them: the path and each weight file's size and mtime."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return path  # a Hub id: its revision is fixed by the cache
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return json.dumps([str(directory.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def token_ids_digest(batches) -> str:
+    """A digest of the pairs' token ids; `batches` yields {prompt_ids, chosen_ids, rejected_ids: [ids per pair]}."""
+    from array import array
+
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for ids in batch[key]:
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(array("q", ids).tobytes())
+    return digest.hexdigest()
+
+
+def reference_cache_path(ref_path: str, ids_digest: str, *, max_length, truncation_mode, dtype, bf16, fp16,
+                         ld_alpha) -> Path:  # fmt: skip
+    """Where the reference log-probs of these pairs live: keyed by everything they depend on (the reference
+    weights, the token ids, truncation and precision), not by how they were batched."""
+    parts = [model_fingerprint(ref_path), ids_digest, max_length, truncation_mode, str(dtype), bool(bf16), bool(fp16),
+             ld_alpha]  # fmt: skip
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+    return cache_dir() / "ref_logps" / f"{key}.json"
+
+
+def read_reference_cache(path: Path) -> dict | None:
+    """{chosen, rejected, chosen_tokens, rejected_tokens, chosen_unweighted: [one per pair]} or None."""
+    if not path.is_file():
+        return None
+    print(f"Reference log-probs from cache: {path}", flush=True)
+    return json.loads(path.read_text())
+
+
+def write_reference_cache(path: Path, logps: dict) -> None:
+    from dpolab.rundir import write_atomic
+
+    write_atomic(path, json.dumps(logps))

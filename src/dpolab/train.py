@@ -165,34 +165,50 @@ def build_trainer_or_clean_up(config, run_dir: RunDir, model_path, tokenizer, tr
 
 
 def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, eval_pairs):
-    """TRL's DPOTrainer as `trl/scripts/dpo.py` builds it, plus dpolab's callbacks."""
+    """TRL's DPOTrainer as `trl/scripts/dpo.py` builds it, on the fast path where it applies, with dpolab's
+    callbacks."""
     from transformers import ProgressCallback
-    from trl import DPOTrainer, get_peft_config, get_quantization_config
+    from trl import DPOTrainer, get_peft_config
 
+    from dpolab import packing
     from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback
 
-    training, model_args = config.training, config.model
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training.model_init_kwargs or {})
-    training.model_init_kwargs = model_init_kwargs
+    training = config.training
     # transformers' TensorBoard callback would nest events under output_dir/runs/<date>; keep them in one place.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(RunDir(config.run_dir).tensorboard_dir)
-
-    trainer = DPOTrainer(
-        model=model_path,
+    model = load_policy(config, model_path)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = None
+    if config.script.fast_path:
+        reason = packing.unsupported_reason(model.config, training.truncation_mode)
+        if reason is None:
+            packing.install(model)
+            collator = packing.PackedCollator(pad_token_id=pad_token_id, max_length=training.max_length)
+            print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
+        else:
+            print(f"Fast path off: {reason}.")
+    arguments = dict(
+        model=model,
         args=training,
+        data_collator=collator,
         train_dataset=train_pairs.dataset,
         eval_dataset=eval_pairs.dataset if eval_pairs is not None else None,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(config.model),
         callbacks=[MetricsFileCallback(RunDir(config.run_dir).metrics_file)],
     )
+    if training.precompute_ref_log_probs:
+        precision = {
+            "dtype": config.model.dtype,
+            "bf16": training.bf16,
+            "fp16": training.fp16,
+            "ld_alpha": training.ld_alpha,
+        }
+        trainer = packing.reference_trainer_class()(**arguments, reference_path=model_path, precision=precision)
+    else:
+        trainer = DPOTrainer(**arguments)
+        if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
+            packing.install(trainer.accelerator.unwrap_model(trainer.ref_model))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LiveProgressCallback())
     for name, pairs, prepared in (
@@ -202,6 +218,27 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if pairs is not None:
             check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
+
+
+def load_policy(config: TrainConfig, model_path: str):
+    """The model to train, loaded as TRL's DPOTrainer would load it from `model_path` (TRL's own loader)."""
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    model_args, training = config.model, config.training
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    kwargs.update(training.model_init_kwargs or {})
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if training.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):  # as TRL: "auto" fails there
+        kwargs["device_map"] = None
+    return create_model_from_path(model_path, **kwargs)
 
 
 def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> None:

@@ -1,0 +1,265 @@
+"""The fast path: each pair laid out once, its prompt shared by both answers, a whole batch packed in one row.
+
+TRL's DPOTrainer pads chosen and rejected to the longest sequence of the batch and computes every prompt twice.
+Here a batch of B pairs becomes one row `prompt_1 chosen_1 rejected_1 prompt_2 ...` with position ids that
+restart at each answer (both answers continue from the prompt's last position) and an attention mask in which
+each answer sees its own prompt and itself, never the other answer or another pair ("Accelerating Direct
+Preference Optimization with Prefix Sharing", Wang et al. 2024). The backbone runs on that row; its hidden
+states are then gathered back into TRL's padded [chosen..., rejected...] layout, so TRL's own fused LM head,
+losses and metrics run unchanged on top (`install`).
+
+The batch keeps TRL's padded `input_ids`, `attention_mask` and `completion_mask` (cheap integer tensors TRL
+reads for labels, token counts and metrics) beside the packed tensors, which TRL passes on to the model
+untouched. Reference log-probs come from a pre-pass (`PrecomputedReferenceDPOTrainer`) kept in dpolab's
+on-disk cache, the same cache `dpolab eval` and `sweep` read.
+
+Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped), SDPA (a dense boolean mask) or
+eager attention (a dense additive mask). Other attention implementations keep TRL's padded path.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PAD_PAIR = -1  # the pair id of the tokens that round the row's length up
+ROW_MULTIPLE = 64  # the packed row's length is rounded up to this: fewer distinct shapes, aligned matmuls
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+# --- layout (pure) ------------------------------------------------------------------------------------------------
+
+
+def truncated_answers(example: dict, max_length: int | None) -> tuple[list[int], list[int]]:
+    """Chosen and rejected ids as TRL's collator keeps them with keep_start truncation of prompt + answer."""
+    if max_length is None:
+        return example["chosen_ids"], example["rejected_ids"]
+    room = max(max_length - len(example["prompt_ids"]), 0)
+    return example["chosen_ids"][:room], example["rejected_ids"][:room]
+
+
+def pack_batch(examples: list[dict], max_length: int | None, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """TRL's padded tensors for a batch plus the packed row the fast path computes on.
+
+    Returns input_ids, attention_mask, completion_mask: [2B, L] exactly as TRL's `DataCollatorForPreference`
+    (chosen rows first) and packed_input_ids, packed_position_ids, packed_pair, packed_segment: [1, T], and
+    packed_gather_index: [2B, L], the packed position holding each padded position's token (T, a zero row,
+    for padding). `ref_chosen_logps`/`ref_rejected_logps` pass through when the examples carry them.
+    """
+    sequences, completion_masks = [[], []], [[], []]  # [chosen rows, rejected rows]
+    tokens, positions, pairs, segments = [], [], [], []
+    packed_index_rows = [[], []]
+    for pair_id, example in enumerate(examples):
+        prompt = example["prompt_ids"]
+        if max_length is not None and len(prompt) >= max_length:
+            raise ValueError("a prompt reaches max_length: TRL drops such pairs before they are collated")
+        start = len(tokens)
+        tokens += prompt
+        positions += range(len(prompt))
+        pairs += [pair_id] * len(prompt)
+        segments += [PROMPT] * len(prompt)
+        for side, (segment, answer) in enumerate(zip((CHOSEN, REJECTED), truncated_answers(example, max_length))):
+            answer_start = len(tokens)
+            tokens += answer
+            positions += range(len(prompt), len(prompt) + len(answer))  # each answer continues the prompt
+            pairs += [pair_id] * len(answer)
+            segments += [segment] * len(answer)
+            sequences[side].append(prompt + answer)
+            completion_masks[side].append([0] * len(prompt) + [1] * len(answer))
+            packed_index_rows[side].append(
+                list(range(start, start + len(prompt))) + list(range(answer_start, answer_start + len(answer)))
+            )
+    length = -(-len(tokens) // ROW_MULTIPLE) * ROW_MULTIPLE
+    padding = length - len(tokens)
+    rows = sequences[0] + sequences[1]
+    width = max(len(row) for row in rows)
+
+    def padded(rows, value):
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+    batch = {
+        "input_ids": padded(rows, pad_token_id),
+        "attention_mask": padded([[1] * len(row) for row in rows], 0),
+        "completion_mask": padded(completion_masks[0] + completion_masks[1], 0),
+        "packed_input_ids": torch.tensor([tokens + [pad_token_id] * padding], dtype=torch.long),
+        "packed_position_ids": torch.tensor([positions + [0] * padding], dtype=torch.long),
+        "packed_pair": torch.tensor([pairs + [PAD_PAIR] * padding], dtype=torch.long),
+        "packed_segment": torch.tensor([segments + [PROMPT] * padding], dtype=torch.long),
+        "packed_gather_index": padded(packed_index_rows[0] + packed_index_rows[1], length),
+    }
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([example[key] for example in examples])
+    return batch
+
+
+def allowed(pair: torch.Tensor, segment: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Whether query position q may attend to key position k: the same pair, not later, and the key is in the
+    prompt or in the query's own answer. The one rule every mask below is built from."""
+    return (pair[q] == pair[k]) & (k <= q) & ((segment[k] == PROMPT) | (segment[k] == segment[q]))
+
+
+def dense_mask(pair: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """[1, 1, T, T] boolean mask (True: attend) of a packed row; pair, segment: [T]."""
+    index = torch.arange(pair.numel(), device=pair.device)
+    return allowed(pair, segment, index[:, None], index[None, :])[None, None]
+
+
+def block_mask(pair: torch.Tensor, segment: torch.Tensor):
+    """FlexAttention's BlockMask of a packed row: the same rule, with fully masked blocks skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, q, k):
+        return allowed(pair, segment, q, k)
+
+    length = pair.numel()
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=pair.device)
+
+
+def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype):
+    """The mask a packed row needs under the model's attention implementation."""
+    if implementation == "flex_attention":
+        return block_mask(pair, segment)
+    mask = dense_mask(pair, segment)
+    if implementation == "eager":  # eager attention adds its mask to the scores
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(model_config, truncation_mode: str, padding_free: bool = False) -> str | None:
+    """Why the fast path cannot run for this model and these settings, or None when it can."""
+    implementation = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    if implementation not in SUPPORTED_ATTENTION:
+        return f"attention implementation '{implementation}' takes no custom mask (use sdpa or flex_attention)"
+    if truncation_mode != "keep_start":
+        return "truncation_mode keep_end keeps a different part of the prompt for chosen and rejected"
+    if getattr(model_config.get_text_config(), "output_router_logits", False):
+        return "mixture-of-experts router losses are not computed on packed rows"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder models have no causal prompt to share"
+    return None
+
+
+def packed_backbone_forward(original_forward, attention_implementation: str):
+    """The backbone's forward, which on a batch carrying packed tensors runs the packed row and returns hidden
+    states in TRL's padded layout; any other call (generation, saving, TRL's padded path) is the original."""
+
+    @functools.wraps(original_forward)
+    def forward(self, *args, packed_input_ids=None, packed_position_ids=None, packed_pair=None, packed_segment=None,
+                packed_gather_index=None, **kwargs):  # fmt: skip
+        if packed_input_ids is None:
+            return original_forward(self, *args, **kwargs)
+        for padded_input in ("input_ids", "attention_mask", "position_ids"):  # TRL's padded layout: not computed
+            kwargs.pop(padded_input, None)
+        mask = attention_mask(attention_implementation, packed_pair[0], packed_segment[0], self.dtype)
+        outputs = original_forward(
+            self, input_ids=packed_input_ids, position_ids=packed_position_ids, attention_mask=mask, **kwargs
+        )
+        hidden = outputs.last_hidden_state[0]  # [T, H]
+        with_zero_row = torch.cat([hidden, hidden.new_zeros(1, hidden.size(-1))])  # index T: padding positions
+        outputs.last_hidden_state = with_zero_row[packed_gather_index]  # [2B, L, H]
+        return outputs
+
+    return forward
+
+
+def install(model) -> None:
+    """Make `model`'s backbone take packed batches (a PEFT model: the backbone of its base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.base_model
+    if getattr(backbone, "_dpolab_packed", False):
+        return
+    implementation = base.config._attn_implementation or "sdpa"
+    backbone.forward = types.MethodType(packed_backbone_forward(type(backbone).forward, implementation), backbone)
+    backbone._dpolab_packed = True
+
+
+@dataclass
+class PackedCollator:
+    """The DPOTrainer data collator of the fast path (see `pack_batch`)."""
+
+    pad_token_id: int
+    max_length: int | None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pack_batch(examples, self.max_length, self.pad_token_id)
+
+
+# --- reference log-probs once -------------------------------------------------------------------------------------
+
+
+@functools.cache
+def reference_trainer_class():
+    """TRL's DPOTrainer with its reference pre-pass kept in dpolab's on-disk cache (see the class docstring)."""
+    from trl import DPOTrainer
+
+    class PrecomputedReferenceDPOTrainer(DPOTrainer):
+        """DPOTrainer whose `precompute_ref_log_probs` pre-pass is cached where `dpolab eval` and `sweep` look.
+
+        TRL recomputes reference log-probs at every start (its own cache exists only beside file-backed datasets).
+        Here they are keyed by the reference weights, the token ids, truncation and precision, so a second run on
+        the same data, an eval of the run and a sweep reuse them. The values are TRL's own: each batch goes through
+        `DPOTrainer.compute_ref_log_probs`. This overrides one private method of TRL 1.16, `_precompute_ref_logps`
+        (TRL offers no hook for it); tests/test_packing.py fails if its signature or use changes.
+        """
+
+        def __init__(self, *args, reference_path: str, precision: dict, **kwargs):
+            self.reference_path, self.reference_precision = reference_path, precision
+            super().__init__(*args, **kwargs)
+
+        def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+            from dpolab.models import (
+                read_reference_cache,
+                reference_cache_path,
+                token_ids_digest,
+                write_reference_cache,
+            )
+
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded weights: TRL's own collective pass
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            ids = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024)
+            path = reference_cache_path(
+                self.reference_path, token_ids_digest(ids), max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode, **self.reference_precision,
+            )  # fmt: skip
+            # LD-DPO's weighted sums are not the plain sums `dpolab eval` caches: computed, not cached
+            cacheable = self.args.ld_alpha is None
+            with self.accelerator.main_process_first():  # the main process computes; the others read its result
+                logps = read_reference_cache(path) if cacheable else None
+                if logps is None or len(logps["chosen"]) != len(dataset):
+                    logps = self.reference_pass(dataset, name, batch_size)
+                    if cacheable and self.accelerator.is_main_process:
+                        write_reference_cache(path, logps)
+            return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column(
+                "ref_rejected_logps", logps["rejected"]
+            )
+
+        def reference_pass(self, dataset, name: str, batch_size: int) -> dict:
+            """TRL's reference log-probs of every pair, batch by batch through this trainer's collator."""
+            from torch.utils.data import DataLoader
+            from tqdm.auto import tqdm
+
+            columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+            loader = DataLoader(columns, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            model = self.ref_model or self.model
+            result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+            for batch in tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch"):
+                batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
+                chosen, rejected = self.compute_ref_log_probs(model, batch)
+                chosen_tokens, rejected_tokens = batch["completion_mask"][:, 1:].sum(dim=1).chunk(2)
+                result["chosen"] += chosen.float().tolist()
+                result["rejected"] += rejected.float().tolist()
+                result["chosen_tokens"] += chosen_tokens.tolist()
+                result["rejected_tokens"] += rejected_tokens.tolist()
+            result["chosen_unweighted"] = result["chosen"]  # cached only without ld_alpha: the plain sums
+            return result
+
+    return PrecomputedReferenceDPOTrainer

@@ -1,0 +1,243 @@
+"""The fast path (packed pairs, prompt shared) computes TRL's numbers: layout and mask by hand, per-token
+log-probs equal to DPOTrainer's padded path on every data format, and whole runs with the same losses."""
+
+import inspect
+import json
+import random
+
+import pytest
+import torch
+from conftest import rows_in_format, write_jsonl
+
+from dpolab import packing
+from dpolab.cli import main
+
+TOLERANCE = 1e-5  # fp32: the packed and padded computations differ only in summation order inside attention
+
+
+def test_layout_by_hand():
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]},
+        {"prompt_ids": [6], "chosen_ids": [7], "rejected_ids": [8, 9, 10]},
+    ]
+    batch = packing.pack_batch(examples, max_length=4, pad_token_id=0)
+    # row: prompt_1 chosen_1 rejected_1 | prompt_2 chosen_2 rejected_2, padded to a multiple of 64
+    assert batch["packed_input_ids"][0, :11].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]
+    assert batch["packed_input_ids"].shape == (1, 64)
+    assert batch["packed_position_ids"][0, :10].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        2,
+        0,
+        1,
+        1,
+        2,
+        3,
+    ]  # answers continue the prompt
+    assert batch["packed_pair"][0, :11].tolist() == [0] * 5 + [1] * 5 + [packing.PAD_PAIR]
+    assert batch["packed_segment"][0, :10].tolist() == [0, 0, 1, 1, 2, 0, 1, 2, 2, 2]
+    # TRL's padded layout, chosen rows first; max_length 4 cuts the second rejected answer to 3 tokens
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [6, 7, 0, 0], [1, 2, 5, 0], [6, 8, 9, 10]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1]]
+    # where each padded token sits in the row; 64 (past the row) reads the zero row
+    assert batch["packed_gather_index"].tolist() == [[0, 1, 2, 3], [5, 6, 64, 64], [0, 1, 4, 64], [5, 7, 8, 9]]
+
+
+def test_the_padded_half_equals_trls_collator():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    rng = random.Random(0)
+
+    def ids(longest):
+        return [rng.randint(1, 99) for _ in range(rng.randint(1, longest))]
+
+    # prompts shorter than every max_length: TRL drops the pairs whose prompt alone reaches it
+    examples = [{"prompt_ids": ids(5), "chosen_ids": ids(9), "rejected_ids": ids(9)} for _ in range(5)]
+    for max_length in (None, 12, 6):
+        ours = packing.pack_batch(examples, max_length, pad_token_id=0)
+        trl = DataCollatorForPreference(pad_token_id=0, max_length=max_length)(examples)
+        for key in ("input_ids", "attention_mask", "completion_mask"):
+            assert torch.equal(ours[key], trl[key]), (key, max_length)
+
+
+def test_mask_by_hand():
+    # one pair: prompt (2 tokens), chosen (2), rejected (1); then one token of a second pair
+    pair = torch.tensor([0, 0, 0, 0, 0, 1])
+    segment = torch.tensor([0, 0, 1, 1, 2, 0])
+    mask = packing.dense_mask(pair, segment)[0, 0].int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # chosen sees the prompt and itself
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # rejected sees the prompt, not the chosen answer
+        [0, 0, 0, 0, 0, 1],  # the next pair sees nothing of the first
+    ]
+
+
+def test_flex_block_mask_follows_the_same_rule():
+    batch = packing.pack_batch(
+        [{"prompt_ids": list(range(1, 40)), "chosen_ids": list(range(50)), "rejected_ids": list(range(70))}] * 3,
+        max_length=None, pad_token_id=0,
+    )  # fmt: skip
+    pair, segment = batch["packed_pair"][0], batch["packed_segment"][0]
+    dense = packing.dense_mask(pair, segment)[0, 0]
+    blocks = packing.block_mask(pair, segment)
+    size = blocks.BLOCK_SIZE[0]
+    # a block is skipped only when the rule masks every position in it
+    for q_block in range((len(pair) + size - 1) // size):
+        kept = set(blocks.kv_indices[0, 0, q_block, : blocks.kv_num_blocks[0, 0, q_block]].tolist())
+        full = set(blocks.full_kv_indices[0, 0, q_block, : blocks.full_kv_num_blocks[0, 0, q_block]].tolist())
+        for k_block in range((len(pair) + size - 1) // size):
+            tile = dense[q_block * size : (q_block + 1) * size, k_block * size : (k_block + 1) * size]
+            assert (k_block in kept or k_block in full) == bool(tile.any()), (q_block, k_block)
+            if k_block in full:
+                assert bool(tile.all())
+
+
+def trainer_on(tmp_path, model_dir, fmt, max_length, attn="sdpa", count=10):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dpolab.data import load_pairs
+
+    rows = rows_in_format(fmt, count)
+    for index, row in enumerate(rows):  # answers of different lengths, so pairs pack differently
+        padding = " The sky is blue." * (index % 4)
+        if fmt == "strings":
+            row["chosen"] += padding
+        elif fmt == "hh":
+            row["chosen"] += padding
+        else:
+            row["chosen"][-1]["content"] += padding
+    pairs = load_pairs(str(write_jsonl(tmp_path / f"{fmt}.jsonl", rows)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), bf16=False, max_length=max_length, report_to=[],
+                     activation_checkpointing=False, precompute_ref_log_probs=False)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return DPOTrainer(model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer), tokenizer
+
+
+def per_token_logps(trainer, batch):
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
+    with torch.no_grad():
+        return trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs
+
+
+@pytest.mark.parametrize(
+    "fmt, max_length, attn",
+    [("strings", 256, "sdpa"), ("messages", 256, "sdpa"), ("implicit", 256, "eager"), ("hh", 256, "sdpa"),
+     ("messages", 30, "sdpa"), ("implicit", 28, "eager")],
+    ids=["strings", "messages", "implicit-eager", "hh", "truncated", "truncated-eager"],
+)  # fmt: skip
+def test_packed_log_probs_equal_trls_padded_ones(tmp_path, tiny_model_dir, fmt, max_length, attn):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trainer, tokenizer = trainer_on(tmp_path, tiny_model_dir, fmt, max_length, attn)
+    examples = [dict(example) for example in trainer.train_dataset]
+    padded_collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
+    expected = per_token_logps(trainer, padded_collator(examples))
+    packing.install(trainer.model)
+    assert any(len(e["prompt_ids"]) + len(e["chosen_ids"]) > max_length for e in examples) == (
+        max_length < 256
+    )  # the truncated cases truncate
+    for order in (list(range(len(examples))), list(reversed(range(len(examples))))):  # other neighbours
+        batch = packing.pack_batch([examples[i] for i in order], max_length, tokenizer.pad_token_id)
+        got = per_token_logps(trainer, batch)
+        rows = order + [len(examples) + i for i in order]  # chosen rows, then rejected rows, in this order
+        assert torch.allclose(got, expected[rows], atol=TOLERANCE, rtol=0), (got - expected[rows]).abs().max()
+    assert expected.abs().sum() > 0
+
+
+def test_packed_gradients_equal_trls(tmp_path, tiny_model_dir):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trainer, tokenizer = trainer_on(tmp_path, tiny_model_dir, "implicit", 40)
+    examples = [dict(example) for example in trainer.train_dataset]
+    gradients = []
+    for packed in (False, True):
+        if packed:
+            packing.install(trainer.model)
+            batch = packing.pack_batch(examples, 40, tokenizer.pad_token_id)
+        else:
+            batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=40)(examples)
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        gradients.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()]))
+    (loss_padded, padded), (loss_packed, packed) = gradients
+    assert loss_packed == pytest.approx(loss_padded, abs=TOLERANCE)
+    assert max((a - b).abs().max().item() for a, b in zip(padded, packed)) < 1e-6
+
+
+def test_flex_attention_scores_equal_trls_padded_ones(tmp_path, tiny_model_dir):
+    """FlexAttention (what the GPU fast path uses) on the CPU: compiled by torch, so this test takes ~30 s."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trainer, tokenizer = trainer_on(tmp_path, tiny_model_dir, "messages", 48, attn="sdpa", count=6)
+    examples = [dict(example) for example in trainer.train_dataset]
+    expected = per_token_logps(trainer, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
+                                                                  max_length=48)(examples))  # fmt: skip
+    trainer.model.config._attn_implementation = "flex_attention"
+    packing.install(trainer.model)
+    got = per_token_logps(trainer, packing.pack_batch(examples, 48, tokenizer.pad_token_id))
+    assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (got - expected).abs().max()
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False}],
+                         ids=["precomputed-reference", "sft-reference-each-step"])  # fmt: skip
+def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, overrides, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
+    config = str(tiny_config(data, max_steps=4, learning_rate=5e-3, train_sampling_strategy="sequential", **overrides))
+    assert main(["train", "--config", config, "--run_name", "fast"]) == 0
+    assert "Fast path: pairs packed" in capsys.readouterr().out
+    assert main(["train", "--config", config, "--run_name", "padded", "--fast_path", "false"]) == 0
+    fast, padded = losses(tmp_path / "runs" / "fast"), losses(tmp_path / "runs" / "padded")
+    assert len(fast) == len(padded) == 4
+    for a, b in zip(fast, padded, strict=True):  # four Adam steps at lr 5e-3: float noise stays below 1e-4
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+    assert fast[-1]["rewards/margins"] != fast[0]["rewards/margins"]  # it learned
+
+
+def test_the_fast_path_says_why_it_is_off(tmp_path, tiny_config, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
+    assert main(["train", "--config", str(tiny_config(data, max_steps=1, truncation_mode="keep_end"))]) == 0
+    assert "Fast path off: truncation_mode keep_end" in capsys.readouterr().out
+
+
+def test_the_reference_pre_pass_is_trls_and_is_cached(tmp_path, tiny_model_dir, capsys):
+    """dpolab overrides one private TRL method: this fails when its signature or its values change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dpolab.data import load_pairs
+
+    assert list(inspect.signature(DPOTrainer._precompute_ref_logps).parameters) == [
+        "self", "dataset", "name", "batch_size",
+    ]  # fmt: skip
+    pairs = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 10))))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def build(trainer_class, **extra):
+        args = DPOConfig(output_dir=str(tmp_path / "o"), bf16=False, max_length=40, report_to=[],
+                         precompute_ref_log_probs=True, per_device_train_batch_size=4)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        return trainer_class(model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer, **extra)
+
+    trl = build(DPOTrainer)
+    precision = {"dtype": "float32", "bf16": False, "fp16": False, "ld_alpha": None}
+    ours = build(packing.reference_trainer_class(), reference_path=str(tiny_model_dir), precision=precision)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert ours.train_dataset[key] == pytest.approx(trl.train_dataset[key], abs=TOLERANCE)
+    capsys.readouterr()
+    build(packing.reference_trainer_class(), reference_path=str(tiny_model_dir), precision=precision)
+    assert "Reference log-probs from cache" in capsys.readouterr().out
