@@ -1,5 +1,5 @@
-"""The callbacks dpolab adds to TRL's DPOTrainer: the metrics file, a live progress bar, and the run guard
-(Ctrl-C saves a checkpoint; non-finite values stop the run without saving one)."""
+"""The callbacks dpolab adds to TRL's DPOTrainer: how far the weights moved, the metrics file, a live progress
+bar, and the run guard (Ctrl-C saves a checkpoint; non-finite values stop the run without saving one)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,38 @@ class MetricsFileCallback(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
-class RunGuard(TrainerCallback):
-    """Stops cleanly: on Ctrl-C after saving a checkpoint, and on a non-finite loss, gradient or weights
-    without saving one (a NaN checkpoint is removed, so the last checkpoint left is a good one)."""
+# TRL's own per-step metrics (computed in the forward; a NaN there is a NaN of the model, whatever the loss shows).
+DPO_METRIC_PREFIXES = ("rewards/", "logps/", "logits/", "entropy", "mean_token_accuracy")
 
-    def __init__(self):
+
+def non_finite_value(logs: dict, routine_overflow: bool = False) -> tuple[str, float] | None:
+    """The first non-finite value the trainer logged, or None.
+
+    transformers' `logging_nan_inf_filter` (on by default) replaces a NaN step loss before it is logged, so the
+    loss alone cannot show a NaN: TRL's DPO metrics (rewards/*, logps/*, ...) are checked first. A non-finite
+    grad_norm is routine when fp16's loss scaler skipped the step (`routine_overflow`): the scaler lowers its
+    scale and the weights are untouched.
+    """
+    metric_keys = [key for key in logs if key.removeprefix("eval_").startswith(DPO_METRIC_PREFIXES)]
+    keys = [*metric_keys, "loss", "eval_loss"] + ([] if routine_overflow else ["grad_norm"])
+    for key in keys:
+        value = logs.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return key, value
+    return None
+
+
+class RunGuard(TrainerCallback):
+    """Stops cleanly: on Ctrl-C after saving a checkpoint, and on a non-finite value the trainer computed (its DPO
+    metrics, the gradient norm, the weights at a save) without saving one (a NaN checkpoint is removed, so the
+    last checkpoint left is a good one). fp16 steps the loss scaler skipped are counted, not fatal."""
+
+    def __init__(self, step_was_skipped=lambda: False):
         self.interrupted = False
         self.non_finite: tuple[int, str, float] | None = None
+        self.step_was_skipped = step_was_skipped  # the accelerator's: did fp16's scaler skip the last step?
+        self.skipped_steps = 0
+        self.last_step_skipped = False
 
     @contextlib.contextmanager
     def catching_ctrl_c(self):
@@ -50,25 +75,54 @@ class RunGuard(TrainerCallback):
             signal.signal(signal.SIGINT, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.last_step_skipped = bool(self.step_was_skipped())
+        self.skipped_steps += self.last_step_skipped
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if isinstance(value, float) and not math.isfinite(value):
-                self.non_finite = self.non_finite or (state.global_step, key, value)
-                control.should_save = False
-                control.should_training_stop = True
+        problem = non_finite_value(logs or {}, routine_overflow=bool(args.fp16 and self.last_step_skipped))
+        if problem is not None:
+            self.non_finite = self.non_finite or (state.global_step, *problem)
+            control.should_save = False
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        if model is not None and not weights_finite(model):
             shutil.rmtree(Path(args.output_dir) / f"checkpoint-{state.global_step}", ignore_errors=True)
             self.non_finite = self.non_finite or (state.global_step, "weights", float("nan"))
             control.should_training_stop = True
+
+
+def weights_finite(model) -> bool:
+    import torch
+
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class WeightMovementCallback(TrainerCallback):
+    """Adds `weights/changed_share` and `weights/relative_change` to every training log: over a fixed sample of
+    each trainable tensor, the share of weights that changed since training (re)started and the relative size of
+    the change. A run whose updates round away (bf16 weights, plain AdamW, small learning rate) shows ~0 here."""
+
+    def __init__(self):
+        self.samples = []  # (parameter, flat indices)
+        self.initial = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from dpolab.weights import sample_indices
+
+        parameters = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
+        self.samples = [(p, sample_indices(p.numel()).to(p.device)) for p in parameters]
+        self.initial = [p.detach().reshape(-1)[index].clone() for p, index in self.samples]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from dpolab.weights import movement
+
+        # every training log, and the trainer's closing one (train_runtime ...): the movement at the very end
+        if self.samples and logs is not None and ("loss" in logs or "train_runtime" in logs):
+            logs.update(movement(self.initial, [p.detach().reshape(-1)[index] for p, index in self.samples]))
 
 
 class LiveProgressCallback(ProgressCallback):

@@ -1,7 +1,9 @@
-"""Known DPO failure patterns, read off the metric series. Pure functions; each finding names its evidence.
+"""Known DPO failure patterns, read off what a run wrote. Pure functions; each finding names its evidence.
 
 A series is a list of (step, value) in step order, keyed by TRL's metric name (`loss`, `rewards/margins`,
-`eval_loss`, ...). Thresholds are deliberately coarse: a finding is a prompt to look, with the numbers.
+`eval_loss`, ...). Each check is stated in units that hold whatever the loss type and the curve's shape:
+log-ratios (reward / beta, in nats), per answer token where the answer's length matters, and spikes relative
+to the curve's own recent past. A finding is a prompt to look, with the numbers.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-
-LN2 = math.log(2)
 
 
 @dataclass
@@ -49,52 +49,104 @@ def _after_warmup(points):
     return points[int(0.2 * len(points)) :] or points[-1:]
 
 
+# TRL's per-step DPO metrics: computed in the forward, so a NaN there is the model's, whatever the loss shows.
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+RECENT = 10  # a spike is judged against the median of this many preceding points
+MIN_HISTORY = 5
+NO_LEARNING_NATS = 0.01  # mean |log-ratio| per answer below this after warm-up: the policy is the reference
+DRIFT_NATS_PER_TOKEN = 1.0  # mean |log-ratio| per answer token above this: far from the reference
+DRIFT_NATS_PER_ANSWER = 100.0  # the same when answer lengths are unknown (a 100-token answer at 1 nat/token)
+BARELY_MOVED_SHARE = 0.5  # fewer sampled weights than this changed: most updates did not land
+
+
 def divergence(series) -> list[Finding]:
     findings = []
-    for key in ("loss", "grad_norm", "rewards/margins", "eval_loss"):
+    for key in (*DPO_METRICS, *(f"eval_{k}" for k in DPO_METRICS), "loss", "grad_norm", "eval_loss"):
         bad = [(step, value) for step, value in series.get(key, []) if not math.isfinite(value)]
         if bad:
+            step, value = bad[0]
+            masked = [v for s, v in series.get("loss", []) if s == step and v == 0.0]
+            note = (
+                " The loss logged there, 0.0, is transformers' logging_nan_inf_filter standing in for a NaN loss."
+                if masked and key != "loss"
+                else ""
+            )
             findings.append(Finding(
                 "divergence: NaN/inf",
-                f"{key} is {bad[0][1]} at step {bad[0][0]} ({len(bad)} non-finite values).",
+                f"{key} is {value} at step {step} ({len(bad)} non-finite values).{note}",
                 "Lower learning_rate, keep bf16 (not fp16), set max_grad_norm, and resume from the last good "
                 "checkpoint.",
             ))  # fmt: skip
-    for key, factor, label in (("loss", 4.0, "loss spike"), ("grad_norm", 10.0, "grad-norm explosion")):
-        points = [(s, v) for s, v in series.get(key, []) if math.isfinite(v)]
-        if len(points) < 8:
-            continue
-        median = statistics.median(v for _, v in points)
-        worst_step, worst = max(points, key=lambda p: p[1])
-        if median > 0 and worst > factor * median and worst > median + 0.5:
+            break  # one NaN shows in every metric: the first one found is the finding
+    for key, factor, margin, label in (
+        ("loss", 3.0, 0.5, "loss spike"),
+        ("grad_norm", 10.0, 0.0, "grad-norm explosion"),
+    ):
+        spike = first_spike([(s, v) for s, v in series.get(key, []) if math.isfinite(v)], factor, margin)
+        if spike:
+            step, value, baseline = spike
             findings.append(Finding(
                 f"divergence: {label}",
-                f"{key} reaches {worst:.3g} at step {worst_step}, {worst / median:.1f}x its median {median:.3g}.",
+                f"{key} jumps to {value:.3g} at step {step}, {value / baseline:.1f}x the median {baseline:.3g} of "
+                f"the {RECENT} points before it.",
                 "Lower learning_rate or add warmup (warmup_steps: 0.1); check max_grad_norm and the batch at that "
                 "step.",
             ))  # fmt: skip
     return findings
 
 
-def no_learning(series) -> list[Finding]:
-    """Margins ~0 and loss ~ln 2 after warm-up: the policy is not moving away from the reference."""
-    margins = _after_warmup(series.get("rewards/margins", []))
-    losses = _after_warmup(series.get("loss", []))
-    if len(series.get("rewards/margins", [])) < 5 or not losses:
+def first_spike(points: list[tuple[int, float]], factor: float, margin: float) -> tuple[int, float, float] | None:
+    """The first point above `factor` x the median of the points just before it (and `margin` above it).
+
+    Judged against the recent past, a curve that starts high and decays (a loss from ln 2 to 0.05) has no spike.
+    """
+    for index in range(MIN_HISTORY, len(points)):
+        baseline = statistics.median(value for _, value in points[max(0, index - RECENT) : index])
+        step, value = points[index]
+        if baseline > 0 and value > factor * baseline and value > baseline + margin:
+            return step, value, baseline
+    return None
+
+
+def no_learning(series, beta: float) -> list[Finding]:
+    """Log-ratios ~0 after warm-up: the policy is still the reference, whatever the loss type logs."""
+    chosen, rejected = series.get("rewards/chosen", []), series.get("rewards/rejected", [])
+    if len(chosen) < 5 or len(rejected) < 5 or beta <= 0:
         return []
-    mean_margin = _mean([v for _, v in margins])
-    mean_loss = _mean([v for _, v in losses])
-    accuracy = _mean([v for _, v in _after_warmup(series.get("rewards/accuracies", []))])
-    if mean_margin is not None and abs(mean_margin) < 0.01 and mean_loss is not None and abs(mean_loss - LN2) < 0.01:
-        acc = f", accuracy {accuracy:.2f}" if accuracy is not None else ""
-        return [Finding(
-            "no learning",
-            f"after warm-up (steps {margins[0][0]}-{margins[-1][0]}) the mean margin is {mean_margin:.4f} and the loss "
-            f"{mean_loss:.4f} ~ ln 2 = 0.6931{acc}: the policy is still the reference.",
-            "Raise learning_rate (TRL's default 1e-6 is small for short runs), check the LR warmup/scheduler, that "
-            "parameters are trainable (LoRA targets), and that chosen and rejected differ after truncation.",
-        )]  # fmt: skip
-    return []
+    chosen_nats = _mean([abs(v) / beta for _, v in _after_warmup(chosen) if math.isfinite(v)])
+    rejected_nats = _mean([abs(v) / beta for _, v in _after_warmup(rejected) if math.isfinite(v)])
+    if chosen_nats is None or rejected_nats is None or max(chosen_nats, rejected_nats) >= NO_LEARNING_NATS:
+        return []
+    points = _after_warmup(chosen)
+    losses = [v for _, v in _after_warmup(series.get("loss", []))]
+    loss = f"; the loss stays near {_mean(losses):.4f}" if losses else ""
+    return [Finding(
+        "no learning",
+        f"after warm-up (steps {points[0][0]}-{points[-1][0]}) the mean log-ratio to the reference is "
+        f"{chosen_nats:.2g} nats for chosen and {rejected_nats:.2g} for rejected answers{loss}: the policy is "
+        "still the reference (for the sigmoid loss that is a loss frozen at ln 2 = 0.6931).",
+        "Raise learning_rate (TRL's default 1e-6 is small for short runs), check the LR warmup/scheduler, that "
+        "parameters are trainable (LoRA targets) and that the weights move (weights/changed_share), and that chosen "
+        "and rejected still differ after truncation.",
+    )]  # fmt: skip
+
+
+def weights_barely_moved(series) -> list[Finding]:
+    """Most sampled weights never changed: updates are rounding away (or nothing is trainable)."""
+    shares = series.get("weights/changed_share", [])
+    if not shares:
+        return []
+    step, share = shares[-1]
+    relative = series.get("weights/relative_change", [(step, float("nan"))])[-1][1]
+    if share >= BARELY_MOVED_SHARE:
+        return []
+    return [Finding(
+        "weights barely moved",
+        f"by step {step} only {share:.1%} of the sampled trainable weights changed at all (relative change "
+        f"{relative:.2g}): most optimizer updates did not land, so these curves are not a trained model.",
+        "bf16 (or fp16) weights with plain AdamW drop updates below half a bf16 step (about lr < |w| / 512): set "
+        "dtype: float32 (bf16 autocast keeps the speed), raise learning_rate, or train LoRA adapters.",
+    )]  # fmt: skip
 
 
 def likelihood_displacement(series) -> list[Finding]:
@@ -137,20 +189,26 @@ def overfitting(series) -> list[Finding]:
     return []
 
 
-def reference_drift(series, beta: float) -> list[Finding]:
-    """Implicit rewards are beta * log-ratio; |log-ratio| in the tens of nats is a long way from the reference."""
+def reference_drift(series, beta: float, answer_tokens: dict | None = None) -> list[Finding]:
+    """Implicit rewards are beta * log-ratio: far from the reference is a large log-ratio per answer token."""
     findings = []
-    for key in ("rewards/chosen", "rewards/rejected"):
+    for key, side in (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")):
         tail = _window(series.get(key, []), 0.8, 1.0)
-        if tail and beta > 0:
-            log_ratio = abs(_mean(tail)) / beta
-            if log_ratio > 20:
-                findings.append(Finding(
-                    "drift from the reference",
-                    f"{key} ends at {_mean(tail):.3g} with beta {beta}: a log-ratio of {log_ratio:.0f} nats per "
-                    "answer.",
-                    "Raise beta or lower learning_rate; check generations for degenerate text (`dpolab generate`).",
-                ))  # fmt: skip
+        if not tail or beta <= 0:
+            continue
+        nats = abs(_mean(tail)) / beta
+        tokens = (answer_tokens or {}).get(side)
+        if tokens:
+            drifted, per = nats / tokens > DRIFT_NATS_PER_TOKEN, f", {nats / tokens:.2f} per token over {tokens:.0f}"
+        else:
+            drifted, per = nats > DRIFT_NATS_PER_ANSWER, " (answer lengths unknown)"
+        if drifted:
+            findings.append(Finding(
+                "drift from the reference",
+                f"{key} ends at {_mean(tail):.3g} with beta {beta}: a log-ratio of {nats:.0f} nats per answer{per} "
+                "tokens.",
+                "Raise beta or lower learning_rate; check generations for degenerate text (`dpolab generate`).",
+            ))  # fmt: skip
     return findings
 
 
@@ -184,15 +242,18 @@ def diagnose(
     beta: float,
     generation_lengths: list[tuple[str, float]] | None = None,
     length_bias: dict | None = None,
+    answer_tokens: dict | None = None,
 ) -> list[Finding]:
-    """Every finding for a run: metric records (metrics.jsonl) plus optional generation lengths and length bias."""
+    """Every finding for a run: metric records (metrics.jsonl) plus optional generation lengths, length bias and
+    the mean scored tokens per chosen and rejected answer."""
     series = series_from_records(records)
     return [
         *divergence(series),
-        *no_learning(series),
+        *weights_barely_moved(series),
+        *no_learning(series, beta),
         *likelihood_displacement(series),
         *overfitting(series),
-        *reference_drift(series, beta),
+        *reference_drift(series, beta, answer_tokens),
         *length_exploitation(generation_lengths, length_bias),
     ]
 
@@ -207,4 +268,5 @@ def diagnose_run(
     """Every finding for a run from what its workflows wrote: metrics, config, summary, generations, eval."""
     lengths = [(label, s["mean_new_tokens"]) for label, s in (generation_stats or {}).get("models", {}).items()]
     bias = (final_eval or {}).get("length_bias")
-    return diagnose(records, float(config.get("beta", 0.1)), lengths or None, bias)
+    tokens = (summary or {}).get("answer_tokens")
+    return diagnose(records, float(config.get("beta", 0.1)), lengths or None, bias, tokens)

@@ -171,12 +171,13 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     from trl import DPOTrainer, get_peft_config
 
     from dpolab import packing
-    from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback
+    from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback, WeightMovementCallback
 
     training = config.training
     # transformers' TensorBoard callback would nest events under output_dir/runs/<date>; keep them in one place.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(RunDir(config.run_dir).tensorboard_dir)
     model = load_policy(config, model_path)
+    warn_lost_updates(model, config)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = None
     if config.script.fast_path:
@@ -195,7 +196,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         eval_dataset=eval_pairs.dataset if eval_pairs is not None else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(config.model),
-        callbacks=[MetricsFileCallback(RunDir(config.run_dir).metrics_file)],
+        callbacks=[WeightMovementCallback(), MetricsFileCallback(RunDir(config.run_dir).metrics_file)],
     )
     if training.precompute_ref_log_probs:
         precision = {
@@ -209,6 +210,11 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         trainer = DPOTrainer(**arguments)
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
             packing.install(trainer.accelerator.unwrap_model(trainer.ref_model))
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
+        trainer.remove_callback(WeightMovementCallback)
+    for callback in list(trainer.callback_handler.callbacks):  # TensorBoard etc. log after the weight metrics
+        if type(callback).__module__.startswith("transformers.integrations"):
+            trainer.add_callback(trainer.pop_callback(callback))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LiveProgressCallback())
     for name, pairs, prepared in (
@@ -218,6 +224,21 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if pairs is not None:
             check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
+
+
+def warn_lost_updates(model, config: TrainConfig) -> None:
+    """bf16/fp16 weights with a plain optimizer at a learning rate their precision cannot hold: say so, with
+    how many updates round away (computed from the weights) and what to set instead."""
+    from dpolab.weights import COMPENSATED_OPTIMIZERS, lost_update_warning, lost_updates
+
+    training = config.training
+    optim = getattr(training.optim, "value", training.optim)  # TrainingArguments holds an enum
+    if config.model.use_peft or optim in COMPENSATED_OPTIMIZERS:
+        return  # LoRA adapters are kept in float32 by peft; compensated optimizers keep the low bits
+    lost = lost_updates(model.parameters(), training.learning_rate)
+    if lost is not None and lost.share > 0.1:
+        text = lost_update_warning(lost, training.learning_rate, optim)
+        print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
 
 
 def load_policy(config: TrainConfig, model_path: str):
@@ -254,13 +275,17 @@ def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> N
 
 def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: str | None):
     """trainer.train() under the run guard: a non-finite value or Ctrl-C ends it as a clear message."""
-    from dpolab.callbacks import RunGuard
+    from dpolab.callbacks import RunGuard, weights_finite
     from dpolab.models import score_completion_tokens_only
 
-    guard = RunGuard()
+    guard = RunGuard(step_was_skipped=lambda: trainer.accelerator.optimizer_step_was_skipped)
     trainer.add_callback(guard)
     with guard.catching_ctrl_c(), score_completion_tokens_only():
         train_output = trainer.train(resume_from_checkpoint=resume_from)
+    if guard.non_finite is None and not weights_finite(trainer.model):  # checked before final/ is written
+        guard.non_finite = (trainer.state.global_step, "weights", float("nan"))
+    if guard.skipped_steps:
+        print(f"fp16 loss scaler: {guard.skipped_steps} overflow step(s) skipped (routine).", flush=True)
     if guard.non_finite is not None:
         raise DpolabError(non_finite_message(guard.non_finite, run_dir, config.training.learning_rate))
     if guard.interrupted:
@@ -317,9 +342,26 @@ def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, trai
         checkpoints=[p.name for p in run_dir.checkpoints()],
         train_pairs=len(train_pairs.dataset),
         eval_pairs=len(eval_pairs.dataset) if eval_pairs else 0,
+        answer_tokens=answer_tokens(trainer.train_dataset, trainer.args.max_length),
     )
+    from dpolab.diagnostics import diagnose_run
+
+    findings = diagnose_run(run_dir.read_metrics(), run_dir.read_config(), summary)
+    summary["diagnostics"] = [finding.as_dict() for finding in findings]
     write_json(run_dir.summary_file, summary)
     return summary
+
+
+def answer_tokens(dataset, max_length: int | None) -> dict:
+    """Mean scored tokens per chosen and rejected answer after truncation (for per-token diagnostics)."""
+    totals, count = {"chosen": 0, "rejected": 0}, 0
+    for batch in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024):
+        for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]):
+            room = max_length - len(prompt) if max_length is not None else None
+            totals["chosen"] += len(chosen[:room])
+            totals["rejected"] += len(rejected[:room])
+            count += 1
+    return {side: total / count for side, total in totals.items()} if count else {}
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -355,6 +397,7 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     final = {key: train[-1][key] for key in KEY_METRICS if train and key in train[-1]}
+    moved = [r for r in records if "weights/changed_share" in r]
     final_eval = {key: evals[-1][f"eval_{key}"] for key in KEY_METRICS if evals and f"eval_{key}" in evals[-1]}
     best = {}
     for prefix, series in (("", train), ("eval_", evals)):
@@ -372,6 +415,9 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
         "final": final,
         "final_eval": final_eval,
         "best": best,
+        "weights": {key: moved[-1][key] for key in ("weights/changed_share", "weights/relative_change")}
+        if moved
+        else None,
     }
 
 
@@ -390,6 +436,14 @@ def format_summary(summary: dict) -> str:
         train = summary["final"].get(key)
         evaluated = summary["final_eval"].get(key)
         rows.append(f"  {key:<22}{_fmt(train):>14}{_fmt(evaluated):>14}")
+    weights = summary.get("weights")
+    if weights:
+        rows.append(
+            f"  weights: {weights['weights/changed_share']:.1%} of sampled weights changed, relative change "
+            f"{weights['weights/relative_change']:.2g}"
+        )
+    for finding in summary.get("diagnostics", []):
+        rows.append(f"  DIAGNOSTIC {finding['name']}: {finding['evidence']}\n    try: {finding['suggestion']}")
     rows.append(f"  model: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained)")
     rows.append(f"  curves: tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'}  |  metrics.jsonl")
     return "\n".join(rows)
