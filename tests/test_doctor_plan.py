@@ -2,15 +2,22 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
+from conftest import rows_in_format, write_jsonl
+
+from dpolab import plan
 from dpolab.doctor import ERROR, OK, WARN, python_check, requirement_conflicts, version_checks
 from dpolab.plan import (
     KNOWN_CONFIGS,
     ModelShape,
     RunShape,
     activation_bytes_per_token_layer,
+    batch_token_peak,
     estimate,
-    recommend,
+    fit,
+    peak_reserved,
+    reserved,
     shape_from_config,
 )
 
@@ -59,28 +66,51 @@ def test_memory_components_by_hand():
     # kv_dim = 1 head * 4 = 4. params: embeddings 100*8 = 800; per layer: q 8*8 + k,v 2*8*4 + o 8*8 + MLP 3*8*16
     # + norms 2*8 = 64 + 64 + 64 + 384 + 16 = 592; two layers 1184; final norm 8: 1992
     assert tiny.params == 1992
-    # per token and layer: norms fp32 in 2*4*8 + bf16 out 2*2*8 + qkv pre/post rotary 2*(8+8)*2 + attention out
-    # 2*8 + MLP 4*2*16 = 64 + 32 + 64 + 16 + 128
+    # per token and layer, bf16 weights: two norms 2*(fp32 in 4*8 + out 2*8 + next projection's input 2*8) = 128;
+    # q and attention output 2*2*8 = 32; k and v 2*2*4 = 16; MLP 4*2*16 = 128
     assert activation_bytes_per_token_layer(tiny) == 304
+    assert activation_bytes_per_token_layer(tiny, residual_bytes=4) == 304 + 2 * 2 * 8  # float32 norm outputs
     run = RunShape(batch=3, max_length=10, accumulation=1, checkpointing=False, weight_bytes=2)
     parts = estimate(tiny, run)
-    tokens = 2 * 3 * 10  # chosen and rejected
-    assert parts["weights (policy)"] == 1992 * 2 == parts["gradients"] == parts["reference model"]
+    tokens = 2 * 3 * 10  # worst case: chosen and rejected rows max_length long
+    assert parts["weights (policy)"] == 1992 * 2 == parts["reference model"]
+    assert parts["gradients"] == 100 * 8 * 2  # accumulation 1: only the head's gradient exists at the peak
     assert parts["optimizer states (AdamW)"] == 2 * 1992 * 2
-    assert parts["activations (all layers kept)"] == tokens * 2 * 304
-    assert parts["logits (vocab x tokens, fp32 upcast)"] == tokens * 100 * 4
+    assert parts[f"activations (all layers kept, {tokens} tokens)"] == tokens * 2 * 304
+    # TRL's chunked head: one fp32 tile of (scored tokens, at most 4096) x (vocabulary, at most 32768), plus the
+    # head's fp32 gradient; about half the tokens are scored
+    assert parts["LM head: fp32 logits tile + head gradient"] == 30 * 100 * 4 + 100 * 8 * 4
     checkpointed = estimate(tiny, RunShape(3, 10, 1, True, 2))
-    assert checkpointed["activations (checkpointed)"] == tokens * (2 * 2 * 8 + 304)
+    assert checkpointed[f"activations (checkpointed, {tokens} tokens)"] == tokens * (2 * 2 * 8 + 304)
+    accumulated = estimate(tiny, RunShape(3, 10, 2, False, 2))
+    assert accumulated["gradients"] == 1992 * 2  # kept between micro-batches
+    master = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, precompute_ref=True, tokens=40))
+    assert master["bf16 weight copies (autocast)"] == 1992 * 2 and master["reference model"] == 0
+    assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * (304 + 32)
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))
     assert lora["reference model"] == 0 and lora["gradients"] == 2 * 4 * (16 + 12) * 4
+    assert reserved(1000) == 1100 + plan.CUDA_CONTEXT_BYTES
 
 
-def test_full_preset_recommendation_fits_24_gib():
-    run = RunShape(batch=2, max_length=1024, accumulation=8, checkpointing=True, weight_bytes=2)
-    best = recommend(QWEN, run, 24 * 2**30)
-    assert best.batch * best.accumulation == 16
-    assert sum(estimate(QWEN, best).values()) <= 24 * 2**30
-    assert recommend(QWEN, run, 2 * 2**30) is None  # nothing fits 2 GiB
+def test_fit_keeps_the_global_batch_and_prefers_no_checkpointing():
+    run = RunShape(batch=16, max_length=1024, accumulation=1, checkpointing=True, weight_bytes=4, autocast=True,
+                   precompute_ref=True)  # fmt: skip
+    best = fit(QWEN, run, 24 * 2**30)  # the worst case: every sequence 1024 tokens long
+    assert best.batch * best.accumulation == 16 and not best.checkpointing
+    assert peak_reserved(QWEN, best) <= 24 * 2**30 < peak_reserved(QWEN, replace(best, batch=best.batch * 2))
+    short = fit(QWEN, run, 24 * 2**30, tokens_for_batch=lambda b: 100 * b)  # short pairs: the whole batch fits
+    assert (short.batch, short.accumulation, short.checkpointing, short.tokens) == (16, 1, False, 1600)
+    tight = fit(QWEN, run, 12 * 2**30)  # only checkpointing makes room
+    assert tight is not None and tight.checkpointing
+    assert fit(QWEN, run, 2 * 2**30) is None  # nothing fits 2 GiB
+
+
+def test_batch_token_peak_by_hand():
+    pairs = [(10, 5, 7)] * 50  # every pair alike: any batch of 4 holds the same tokens
+    assert batch_token_peak(pairs, 4, packed=True) == 4 * 22  # prompt once, both answers
+    assert batch_token_peak(pairs, 4, packed=False) == 2 * 4 * 17  # TRL: 8 rows padded to prompt + longer answer
+    mixed = [(10, 5, 7)] * 999 + [(10, 500, 500)]
+    assert batch_token_peak(mixed, 4, packed=True) > 4 * 22  # the 99.9th percentile meets the long pair
 
 
 def test_plan_command_for_the_full_preset(capsys):
@@ -88,7 +118,49 @@ def test_plan_command_for_the_full_preset(capsys):
 
     assert main(["plan", "--preset", "full"]) == 0
     out = capsys.readouterr().out
-    assert "494M parameters" in out and "logits (vocab x tokens, fp32 upcast)" in out
+    assert "494M parameters" in out and "LM head: fp32 logits tile" in out and "bf16 weight copies" in out
     assert "fits 24 GiB" in out and "recommended for 24 GiB (same global batch 16)" in out
+    assert main(["plan", "--preset", "full", "--gpu_memory_gib", "80"]) == 0
+    assert "--per_device_train_batch_size 16 --gradient_accumulation_steps 1" in capsys.readouterr().out
     assert main(["plan", "--model_name_or_path", "someone/unknown-model"]) == 2
     assert "No config for 'someone/unknown-model'" in capsys.readouterr().err
+
+
+def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
+    """fit_to_memory on a pretend card with 2.5 MiB beyond the CUDA context: the tiny model's 8 pairs (~3.5 MiB)
+    do not fit in one micro-batch, so it splits them, keeping 8 pairs per optimizer step."""
+    import torch
+
+    from dpolab.config import parse_train_args
+    from dpolab.models import load_tokenizer
+    from dpolab.train import fit_to_memory, load_train_eval
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 16))
+    budget = (plan.CUDA_CONTEXT_BYTES + 2.5 * 2**20) / 2**30
+    config = parse_train_args(["--config", str(tiny_config(data)), "--per_device_train_batch_size", "8",
+                               "--gpu_memory_gib", str(budget)])  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
+    chosen = fit_to_memory(config, str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), load_train_eval(config)[0])
+    assert chosen["per_device_train_batch_size"] * chosen["gradient_accumulation_steps"] == 8
+    assert 1 < chosen["per_device_train_batch_size"] < 8 and not chosen["activation_checkpointing"]
+    assert config.training.per_device_train_batch_size == chosen["per_device_train_batch_size"]
+    assert "fit_to_memory: per_device_train_batch_size" in capsys.readouterr().out
+
+
+def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):
+    import torch
+    from trl import DPOTrainer
+
+    from dpolab.cli import main
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DPOTrainer, "train", out_of_memory)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
+    assert main(["train", "--config", str(tiny_config(data))]) == 2
+    message = capsys.readouterr().err
+    assert "CUDA ran out of memory at step 0 (micro-batch 4 x accumulation 1" in message
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in message
+    assert "no checkpoint was saved yet" in message and "Traceback" not in message

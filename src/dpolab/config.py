@@ -88,6 +88,17 @@ class ScriptArguments:
             "it (the run says why): TRL's padded batches."
         },
     )
+    fit_to_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On a GPU, choose per_device_train_batch_size (keeping per_device_train_batch_size x "
+            "gradient_accumulation_steps) and activation_checkpointing with `dpolab plan`'s estimate for the tokens "
+            "this data puts in a micro-batch, so the run fits the card; prints what it chose."
+        },
+    )
+    gpu_memory_gib: float | None = field(
+        default=None, metadata={"help": "Memory fit_to_memory plans for (default: what the card has free)."}
+    )
     merge_lora: bool = field(
         default=False,
         metadata={"help": "With use_peft: also write final/merged, the base model with the adapter merged in."},

@@ -1,7 +1,16 @@
 """`dpolab plan`: peak GPU memory of a DPO run by component, and a setting that fits the card.
 
-Pure arithmetic over the model's shape and the run's settings (no torch import, no model load). Tokens per
-step are 2 x batch x max_length: DPOTrainer runs chosen and rejected as one batch.
+The arithmetic (`estimate`, `fit`) is pure: the model's shape, the run's settings and how many tokens a
+micro-batch holds. TRL's padded batches hold 2 x batch x (longest sequence) tokens; dpolab's packed batches
+hold the pairs' real tokens with each prompt once. `dpolab plan` plans for the worst case (every sequence
+max_length long); `dpolab train` (fit_to_memory) plans for the tokens its own data puts in a micro-batch.
+
+What the estimate counts at the peak (the start of the backward pass, when every activation is still alive):
+the weights, their bf16 copies under autocast, AdamW's two states, the gradients (all of them when gradient
+accumulation keeps them between micro-batches, else the LM head's, allocated first), the reference model
+when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
+fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
+allocator's slack, calibrated on an H100 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +32,11 @@ KNOWN_CONFIGS = {
     },
 }  # fmt: skip
 KNOWN_CONFIGS["Qwen/Qwen2-0.5B"] = KNOWN_CONFIGS["Qwen/Qwen2-0.5B-Instruct"]
-CUDA_OVERHEAD_BYTES = 1 * GIB  # CUDA context, cuBLAS workspace and allocator slack: a fixed allowance
+# TRL's chunked LM head (trl/kernels/chunked_logprob.py): tiles of this many tokens x vocabulary columns, in fp32.
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
+# The CUDA allocator reserves more than it hands out (block rounding, fragmentation), plus the CUDA context.
+RESERVED_FACTOR = 1.10
+CUDA_CONTEXT_BYTES = GIB // 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class RunShape:
-    batch: int  # per-device pairs
+    batch: int  # pairs per micro-batch, per device
     max_length: int
     accumulation: int
     checkpointing: bool
@@ -61,6 +74,12 @@ class RunShape:
     peft: bool = False
     lora_r: int = 16
     precompute_ref: bool = False
+    autocast: bool = False  # bf16/fp16 autocast over the weights (matters when they are float32)
+    tokens: int | None = None  # tokens in one micro-batch (None: the worst case, 2 x batch x max_length)
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        return self.tokens if self.tokens is not None else 2 * self.batch * self.max_length
 
 
 def shape_from_config(config: dict) -> ModelShape:
@@ -76,54 +95,93 @@ def shape_from_config(config: dict) -> ModelShape:
     )
 
 
-def activation_bytes_per_token_layer(model: ModelShape) -> int:
-    """What autograd keeps per token and decoder layer in bf16, with SDPA/flash attention (no s^2 term).
+def activation_bytes_per_token_layer(model: ModelShape, residual_bytes: int = 2) -> int:
+    """What autograd keeps per token and decoder layer, with flash/SDPA/Flex attention (no T^2 term).
 
-    Two RMSNorms keep their fp32 input (2 x 4h bytes) and bf16 output (2 x 2h); q, k, v before and after
-    rotary (2 x (h + 2kv) x 2); the attention output (2h); the SwiGLU MLP's gate, up, activation and product
-    (4 x 2i).
+    residual_bytes: 2 for bf16 weights, 4 for float32 weights (the residual stream stays float32 under autocast).
+    Each RMSNorm keeps its float32 input (4h) and its normalised output (residual_bytes x h) and the next
+    projection keeps its bf16 input (2h); attention keeps q and the attention output (2 x 2h) and k, v (2 x 2kv);
+    the SwiGLU MLP keeps gate, up, their activation and product (4 x 2i).
     """
     h, kv, i = model.hidden, model.kv_dim, model.intermediate
-    return 2 * 4 * h + 2 * 2 * h + 2 * (h + 2 * kv) * 2 + 2 * h + 4 * 2 * i
+    norms = 2 * (4 * h + residual_bytes * h + 2 * h)
+    return norms + 2 * 2 * h + 2 * 2 * kv + 4 * 2 * i
+
+
+def lora_parameters(model: ModelShape, rank: int) -> int:
+    """LoRA A and B on q_proj and v_proj (peft's default targets for these models)."""
+    return model.layers * rank * ((model.hidden + model.hidden) + (model.hidden + model.kv_dim))
 
 
 def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
-    """Peak memory by component, in bytes."""
-    tokens = 2 * run.batch * run.max_length  # chosen + rejected
-    if run.peft:  # LoRA on q_proj and v_proj (peft's default for these models), adapters and Adam kept in fp32
-        trainable = model.layers * run.lora_r * ((model.hidden + model.hidden) + (model.hidden + model.kv_dim))
-        gradients, optimizer = trainable * 4, trainable * 8
-    else:
-        trainable = model.params
-        gradients, optimizer = trainable * run.weight_bytes, 2 * trainable * run.weight_bytes  # AdamW m and v
-    per_layer = activation_bytes_per_token_layer(model)
-    if run.checkpointing:  # each layer's input is kept; one layer is recomputed at a time during backward
-        activations = tokens * (model.layers * 2 * model.hidden + per_layer)
+    """Peak allocated memory by component, in bytes (the start of the backward pass)."""
+    tokens = run.micro_batch_tokens
+    trainable = lora_parameters(model, run.lora_r) if run.peft else model.params
+    trainable_bytes = 4 if run.peft else run.weight_bytes  # peft keeps adapters (and their Adam states) in fp32
+    head_gradient = 0 if run.peft else model.vocab * model.hidden * run.weight_bytes
+    residual_bytes = 4 if run.weight_bytes == 4 else 2
+    per_layer = activation_bytes_per_token_layer(model, residual_bytes)
+    if run.checkpointing:  # each layer keeps its input; one layer is recomputed at a time during backward
+        activations = tokens * (model.layers * residual_bytes * model.hidden + per_layer)
     else:
         activations = tokens * model.layers * per_layer
+    scored = tokens // 2  # the head scores completion tokens only: at most about half of a micro-batch
+    head_tile = min(scored, HEAD_TILE_TOKENS) * min(model.vocab, HEAD_TILE_VOCAB) * 4
     return {
         "weights (policy)": model.params * run.weight_bytes,
-        "gradients": gradients,
-        "optimizer states (AdamW)": optimizer,
+        "bf16 weight copies (autocast)": model.params * 2 if run.autocast and run.weight_bytes == 4 else 0,
+        "gradients": trainable * trainable_bytes if run.accumulation > 1 or run.peft else head_gradient,
+        "optimizer states (AdamW)": 2 * trainable * trainable_bytes,
         "reference model": 0 if (run.peft or run.precompute_ref) else model.params * run.weight_bytes,
-        f"activations ({'checkpointed' if run.checkpointing else 'all layers kept'})": activations,
-        "logits (vocab x tokens, fp32 upcast)": tokens * model.vocab * 4,
-        "logits gradient (backward, fp32)": tokens * model.vocab * 4,
-        "CUDA context and allocator slack": CUDA_OVERHEAD_BYTES,
+        f"activations ({'checkpointed' if run.checkpointing else 'all layers kept'}, {tokens:,} tokens)": activations,
+        "LM head: fp32 logits tile + head gradient": head_tile + model.vocab * model.hidden * 4,
     }
 
 
-def recommend(model: ModelShape, run: RunShape, budget_bytes: int) -> RunShape | None:
-    """The largest per-device batch that fits, keeping the global batch; without checkpointing when it fits."""
+def reserved(allocated: int) -> int:
+    """What the CUDA allocator reserves for a peak of `allocated` bytes (calibrated: bench/RESULTS.md)."""
+    return int(allocated * RESERVED_FACTOR) + CUDA_CONTEXT_BYTES
+
+
+def peak_reserved(model: ModelShape, run: RunShape) -> int:
+    return reserved(sum(estimate(model, run).values()))
+
+
+def fit(model: ModelShape, run: RunShape, budget_bytes: int, tokens_for_batch=None) -> RunShape | None:
+    """The largest micro-batch that fits the budget, keeping batch x accumulation; without activation
+    checkpointing whenever that fits. `tokens_for_batch(b)`: tokens a micro-batch of b pairs holds (None: the
+    worst case). None when nothing fits."""
     global_batch = run.batch * run.accumulation
-    for batch in sorted({b for b in (64, 32, 16, 8, 4, 2, 1) if b <= global_batch} | {run.batch}, reverse=True):
-        for checkpointing in (False, True):
+    sizes = sorted({b for b in range(1, global_batch + 1) if global_batch % b == 0}, reverse=True)
+    for checkpointing in (False, True):
+        for batch in sizes:
+            tokens = tokens_for_batch(batch) if tokens_for_batch else None
             candidate = replace(
-                run, batch=batch, accumulation=math.ceil(global_batch / batch), checkpointing=checkpointing
+                run, batch=batch, accumulation=global_batch // batch, checkpointing=checkpointing, tokens=tokens
             )
-            if sum(estimate(model, candidate).values()) <= budget_bytes:
+            if peak_reserved(model, candidate) <= budget_bytes:
                 return candidate
     return None
+
+
+def batch_token_peak(pairs: list[tuple[int, int, int]], batch: int, packed: bool, draws: int = 2000) -> int:
+    """The 99.9th percentile of the tokens a random micro-batch of `batch` pairs holds: the peak a run meets.
+
+    pairs: (prompt, chosen, rejected) scored lengths. Packed: every pair's tokens, prompt once. Padded (TRL):
+    chosen and rejected rows padded to the batch's longest sequence.
+    """
+    import random
+
+    rng = random.Random(0)
+    totals = []
+    for _ in range(draws):
+        drawn = rng.choices(pairs, k=batch)
+        if packed:
+            totals.append(sum(p + c + r for p, c, r in drawn))
+        else:
+            totals.append(2 * batch * max(p + max(c, r) for p, c, r in drawn))
+    totals.sort()
+    return totals[math.ceil(0.999 * len(totals)) - 1]
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -157,14 +215,15 @@ class PlanConfig:
         )
 
 
-def run_shape(train) -> RunShape:
+def run_shape(train, tokens: int | None = None) -> RunShape:
     """The memory-relevant settings of a resolved train config."""
     training, model = train.training, train.model
     return RunShape(
         batch=training.per_device_train_batch_size, max_length=training.max_length or 1024,
         accumulation=training.gradient_accumulation_steps, checkpointing=bool(training.activation_checkpointing),
         weight_bytes=DTYPE_BYTES[model.dtype or "float32"], peft=bool(model.use_peft), lora_r=model.lora_r,
-        precompute_ref=bool(training.precompute_ref_log_probs),
+        precompute_ref=bool(training.precompute_ref_log_probs), autocast=bool(training.bf16 or training.fp16),
+        tokens=tokens,
     )  # fmt: skip
 
 
@@ -186,42 +245,49 @@ def model_config(name: str) -> dict:
     )
 
 
-def run(config: PlanConfig) -> int:
-    name = config.train.model.model_name_or_path
-    if not name:
-        raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
-    model_config_values = model_config(name)
+def model_shape(name: str) -> ModelShape:
     try:
-        model = shape_from_config(model_config_values)
+        return shape_from_config(model_config(name))
     except KeyError as missing:
         raise DpolabError(
             f"{name}: config.json lacks {missing}; plan knows decoder-only (Llama/Qwen2-style) models."
         ) from None
+
+
+def run(config: PlanConfig) -> int:
+    name = config.train.model.model_name_or_path
+    if not name:
+        raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
+    model = model_shape(name)
     shape = run_shape(config.train)
+    # planned for the card: float32 weights train under bf16 autocast there (this machine may say otherwise)
+    shape = replace(shape, autocast=shape.autocast or config.train.model.dtype == "float32")
     budget = int(config.gpu_memory_gib * GIB)
     components = estimate(model, shape)
     print(f"{name}: {model.params / 1e6:.0f}M parameters, vocabulary {model.vocab:,}, {model.layers} layers")
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731
     print(f"settings: batch {shape.batch} x accumulation {shape.accumulation}, max_length "
-          f"{shape.max_length}, {config.train.model.dtype} weights, checkpointing {on_off(shape.checkpointing)}, "
-          f"LoRA {on_off(shape.peft)}, precomputed reference {on_off(shape.precompute_ref)}")  # fmt: skip
+          f"{shape.max_length}, {config.train.model.dtype} weights (bf16 autocast {on_off(shape.autocast)}), "
+          f"checkpointing {on_off(shape.checkpointing)}, LoRA {on_off(shape.peft)}, precomputed reference "
+          f"{on_off(shape.precompute_ref)}; worst case: every sequence max_length long")  # fmt: skip
     print(format_components(components))
-    total = sum(components.values())
-    fits = total <= budget
-    print(f"  {'estimated peak':<42}{total / GIB:>8.2f} GiB  -> {'fits' if fits else 'does NOT fit'} "
-          f"{config.gpu_memory_gib:g} GiB")  # fmt: skip
-    print("  (logits: TRL 1.16 scores them through a fused, chunked LM head, so the real peak can be lower)")
-    best = recommend(model, shape, budget)
+    allocated = sum(components.values())
+    total = reserved(allocated)
+    print(f"  {'allocator slack and CUDA context':<58}{(total - allocated) / GIB:>8.2f} GiB")
+    print(f"  {'estimated peak reserved':<58}{total / GIB:>8.2f} GiB  -> "
+          f"{'fits' if total <= budget else 'does NOT fit'} {config.gpu_memory_gib:g} GiB")  # fmt: skip
+    best = fit(model, shape, budget)
     if best is None:
         print(f"\nNothing fits {config.gpu_memory_gib:g} GiB at max_length {shape.max_length}: try use_peft true, "
-              "precompute_ref_log_probs true, a shorter max_length, or bf16 weights (dtype bfloat16).")  # fmt: skip
+              "a shorter max_length, or fewer pairs per optimizer step.")  # fmt: skip
         return 1
-    best_total = sum(estimate(model, best).values())
     print(f"\nrecommended for {config.gpu_memory_gib:g} GiB (same global batch {best.batch * best.accumulation}): "
           f"--per_device_train_batch_size {best.batch} --gradient_accumulation_steps {best.accumulation} "
-          f"--activation_checkpointing {str(best.checkpointing).lower()}   (~{best_total / GIB:.1f} GiB)")  # fmt: skip
+          f"--activation_checkpointing {str(best.checkpointing).lower()}   "
+          f"(~{peak_reserved(model, best) / GIB:.1f} GiB)")  # fmt: skip
+    print("`dpolab train` does this choice itself (fit_to_memory), for the tokens its data really puts in a batch.")
     return 0
 
 
 def format_components(components: dict[str, int]) -> str:
-    return "\n".join(f"  {name:<42}{value / GIB:>8.2f} GiB" for name, value in components.items())
+    return "\n".join(f"  {name:<58}{value / GIB:>8.2f} GiB" for name, value in components.items())

@@ -40,8 +40,10 @@ def run(config: TrainConfig) -> dict:
     train_pairs, eval_pairs = load_train_eval(config)
     check_template(train_pairs, tokenizer, config.model.model_name_or_path)
     print(describe_data(train_pairs, eval_pairs), flush=True)
+    fitted = fit_to_memory(config, model_path, tokenizer, train_pairs)
     if process.is_main_process:
-        start_run_directory(run_dir, config, provenance(config, model_path, train_pairs, eval_pairs), resume_from)
+        record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
+        start_run_directory(run_dir, config, record, resume_from)
     process.wait_for_everyone()
 
     trainer = build_trainer_or_clean_up(config, run_dir, model_path, tokenizer, train_pairs, eval_pairs, process)
@@ -127,6 +129,51 @@ def describe_data(train_pairs, eval_pairs) -> str:
                 f"from {pairs.source} (rows {shown})"
             )
     return "\n".join(lines)
+
+
+def fit_to_memory(config: TrainConfig, model_path: str, tokenizer, train_pairs) -> dict | None:
+    """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), for the tokens
+    this data puts in a micro-batch, keeping the global batch. Sets them in the config and says what it chose."""
+    import torch
+
+    from dpolab import plan
+    from dpolab.data import pair_token_ids
+
+    training, script = config.training, config.script
+    if not script.fit_to_memory or not torch.cuda.is_available():
+        return None
+    if training.deepspeed or training.fsdp:
+        print("fit_to_memory: skipped (DeepSpeed/FSDP shard the weights and states).")
+        return None
+    free, total = torch.cuda.mem_get_info()
+    budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
+    sample = train_pairs.dataset.shuffle(seed=0).select(range(min(2000, len(train_pairs.dataset))))
+    lengths = []
+    for pair in sample:
+        ids = pair_token_ids(pair, tokenizer)
+        room = training.max_length - len(ids["prompt_ids"]) if training.max_length else None
+        lengths.append((len(ids["prompt_ids"]), len(ids["chosen_ids"][:room]), len(ids["rejected_ids"][:room])))
+    packed = script.fast_path and training.truncation_mode == "keep_start"
+    model = plan.model_shape(model_path)
+    chosen = plan.fit(model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(lengths, b, packed))
+    if chosen is None:
+        raise DpolabError(
+            f"No micro-batch fits {budget / plan.GIB:.1f} GiB even with activation checkpointing (`dpolab plan` "
+            f"shows the components): try use_peft true, a shorter max_length, or fewer pairs per step."
+        )
+    training.per_device_train_batch_size = chosen.batch
+    training.gradient_accumulation_steps = chosen.accumulation
+    training.activation_checkpointing = training.gradient_checkpointing = chosen.checkpointing
+    estimate = plan.peak_reserved(model, chosen)
+    print(
+        f"fit_to_memory: per_device_train_batch_size {chosen.batch} x gradient_accumulation_steps "
+        f"{chosen.accumulation}, activation_checkpointing {str(chosen.checkpointing).lower()} (planned peak "
+        f"{estimate / plan.GIB:.1f} of {budget / plan.GIB:.1f} GiB for {chosen.tokens:,} tokens per micro-batch)",
+        flush=True,
+    )
+    return {"per_device_train_batch_size": chosen.batch, "gradient_accumulation_steps": chosen.accumulation,
+            "activation_checkpointing": chosen.checkpointing, "planned_peak_gib": round(estimate / plan.GIB, 2),
+            "budget_gib": round(budget / plan.GIB, 2), "micro_batch_tokens": chosen.tokens}  # fmt: skip
 
 
 def provenance(config: TrainConfig, model_path: str, train_pairs, eval_pairs) -> dict:
@@ -275,13 +322,18 @@ def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> N
 
 def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: str | None):
     """trainer.train() under the run guard: a non-finite value or Ctrl-C ends it as a clear message."""
+    import torch
+
     from dpolab.callbacks import RunGuard, weights_finite
     from dpolab.models import score_completion_tokens_only
 
     guard = RunGuard(step_was_skipped=lambda: trainer.accelerator.optimizer_step_was_skipped)
     trainer.add_callback(guard)
     with guard.catching_ctrl_c(), score_completion_tokens_only():
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            train_output = trainer.train(resume_from_checkpoint=resume_from)
+        except torch.OutOfMemoryError:
+            raise DpolabError(out_of_memory_message(trainer, run_dir, config)) from None
     if guard.non_finite is None and not weights_finite(trainer.model):  # checked before final/ is written
         guard.non_finite = (trainer.state.global_step, "weights", float("nan"))
     if guard.skipped_steps:
@@ -385,6 +437,32 @@ def non_finite_message(non_finite: tuple[int, str, float], run_dir: RunDir, lear
         f"Training stopped at step {step}: {key} is {value}. Nothing was saved as final/. {where} "
         f"Also worth trying: max_grad_norm 1.0, warmup_steps 0.1, bf16 rather than fp16, and `dpolab data check` "
         f"for extreme lengths."
+    )
+
+
+def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
+    """What ran out, a setting with half the memory for activations (same global batch), and where to resume."""
+    training = trainer.args
+    batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    if batch > 1:
+        smaller = batch // 2 if batch % 2 == 0 else 1
+        setting = (f"--per_device_train_batch_size {smaller} --gradient_accumulation_steps "
+                   f"{batch * accumulation // smaller}")  # fmt: skip
+    elif not training.activation_checkpointing:
+        setting = "--activation_checkpointing true"
+    else:
+        setting = "--use_peft true (or a shorter --max_length)"
+    last = run_dir.last_complete_checkpoint()
+    resume = (
+        f"then resume from {last} with the same command plus --resume {setting}"
+        if last
+        else "no checkpoint was saved yet: start again with another --run_name"
+    )
+    return (
+        f"CUDA ran out of memory at step {trainer.state.global_step} (micro-batch {batch} x accumulation "
+        f"{accumulation}, activation checkpointing {str(bool(training.activation_checkpointing)).lower()}). A setting "
+        f"that needs about half the activation memory, same global batch: {setting}; {resume}. `dpolab plan "
+        f"--config {run_dir.config_file} --gpu_memory_gib N` shows the components."
     )
 
 
