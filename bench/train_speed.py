@@ -1,218 +1,381 @@
-"""DPO training speed: plain TRL DPOTrainer (its defaults) against dpolab's fast settings, side by side, in one run.
+"""DPO training speed and memory: plain TRL DPOTrainer (its defaults) against dpolab's fast path, side by side.
 
-    python bench/train_speed.py --device cpu            # 2-core variant (minutes)
-    python bench/train_speed.py --device cuda           # Qwen2-0.5B architecture, random weights, bf16
+    python bench/train_speed.py --device cuda --out DIR     # Qwen2-0.5B architecture, random weights (minutes)
+    python bench/train_speed.py --device cpu --out DIR      # a small Qwen2 with the real vocabulary (smoke check)
 
-Same random-init model, same synthetic pairs (realistic length spread), same number of optimizer steps for every
-row. Each row prints pairs/s, tokens/s, peak memory (CPU: process RSS above the starting point; GPU:
-torch.cuda.max_memory_allocated), and the final loss and reward accuracy; then the ratios against TRL's default.
+The workload is the reference job's shape: the Qwen2-0.5B architecture with random weights and the real
+151,936-token vocabulary, ultrafeedback-shaped message-list pairs (prompts 35-370 tokens, answers 35-740,
+log-uniform: about 780 real tokens per pair as TRL counts them), max_length 1024, batch 8, lr 5e-7, the same
+pairs in the same order for every row (sequential sampler). Each row runs in its own process (a fresh GPU);
+pairs/s is measured over steps 9..N (after warm-up and compilation); MFU = 8N FLOP per real token (6N for the
+policy's forward and backward, 2N for the reference), N = all parameters, over the card's dense bf16 peak.
 
-Faster must not mean different: every lever here leaves the arithmetic of the loss unchanged, so the final
-loss must match the default's to float noise (tolerance 1e-3 absolute on a loss near 0.69: the runs differ only
-in summation order and, with checkpointing, in recomputation; larger gaps mean a lever changed the math).
+Rows: TRL's default (float32 weights + bf16 autocast, activation checkpointing, reference forward every step,
+padded batches); dpolab's fast path (the same float32 master weights, pairs packed with each prompt computed
+once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing) and variants; `dpolab train
+--preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code. Every row records the share
+of weights its updates changed, its peak memory, and its per-step losses (compared with TRL's default).
+
+Faster must not mean different: the fast path's per-step loss must match TRL's default on the same data.
+Tolerance 1e-2 absolute per step: under bf16 autocast each per-token log-prob carries ~1e-2 of rounding
+noise that the two computations (different attention kernels and layouts) round differently; over ~350 answer
+tokens that is ~0.2 nats in a sequence sum, times beta 0.1 ~0.02 in the margin and, at the sigmoid's slope
+of 1/2 near ln 2, ~0.01 in the loss. On the CPU in float32 the two agree to 1e-4 (tests/test_packing.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
+import json
 import os
 import random
-import tempfile
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import psutil
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
-VOCAB = 151_936  # Qwen2's vocabulary: the LM head dominates small models
-WORDS = [f"w{i}" for i in range(4000)]
-
-
-def make_tokenizer(directory: Path):
-    """A word-level tokenizer (one token per word), so synthetic lengths are token counts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.save_pretrained(directory)
-    return fast
+VOCAB = 151_936
+PEAK_TFLOPS = {"cuda": 989.0, "cpu": None}  # H100/H200 SXM dense bf16
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Letters only: Qwen2's tokenizer splits digits one by one, whatever tokenizer.json says.
+WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
+REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
+OPTIONAL_ROWS = ("trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")
 
 
-def make_pairs(count: int, max_length: int, seed: int = 0) -> list[dict]:
-    """Prompts of 20-200 tokens, completions 20-400 (log-uniform): the spread of ultrafeedback, scaled down."""
+# --- the world: tokenizer, model, data ----------------------------------------------------------------------------
+
+
+def build_world(work: Path, device: str, pairs: int, seed: int = 0) -> dict:
+    """A byte-level BPE tokenizer with one token per word (AutoTokenizer reloads it correctly next to a qwen2
+    config, unlike a word-level one), a random-init model, and ultrafeedback-shaped data."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    model_dir = work / "model"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=12000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator([" ".join(WORDS)] * 4 + ["user\nassistant\n"] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHATML)  # fmt: skip
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2) if device == "cuda" else dict(hidden_size=128, intermediate_size=384,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
     rng = random.Random(seed)
 
     def text(low, high):
         return " ".join(rng.choice(WORDS) for _ in range(int(round(low * (high / low) ** rng.random()))))
 
-    pairs = []
-    for _ in range(count):
-        prompt = text(20, min(200, max_length // 3))
-        pairs.append({"prompt": prompt, "chosen": " " + text(20, 400), "rejected": " " + text(20, 400)})
-    return pairs
+    scale = 1 if device == "cuda" else 8  # the CPU variant only checks that every row runs: pairs 8x shorter
+
+    def pair():
+        user = {"role": "user", "content": text(35 // scale, 370 // scale)}
+        return {"chosen": [user, {"role": "assistant", "content": text(35 // scale, 740 // scale)}],
+                "rejected": [user, {"role": "assistant", "content": text(35 // scale, 740 // scale)}]}  # fmt: skip
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train = [pair() for _ in range(pairs)]
+    (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
+    (data / "test.jsonl").write_text("".join(json.dumps(pair()) + "\n" for _ in range(32)))
+    return {"model": str(model_dir), "data": str(data)}
 
 
-def model_config(device: str):
-    from transformers import Qwen2Config
+def token_layout(world: dict, max_length: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) scored tokens per training pair, in data order, as TRL tokenizes them."""
+    from dpolab.data import load_pairs, pair_token_ids
+    from dpolab.models import load_tokenizer
 
-    if device == "cuda":  # Qwen2-0.5B's architecture
-        return Qwen2Config(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    return Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    tokenizer = load_tokenizer(world["model"])
+    sample = " ".join(WORDS[:50])
+    assert len(tokenizer(sample)["input_ids"]) == 50, "the bench tokenizer must give one token per word"
+    layout = []
+    for pair in load_pairs(world["data"], "train").dataset:
+        ids = pair_token_ids(pair, tokenizer)
+        room = max_length - len(ids["prompt_ids"])
+        layout.append((len(ids["prompt_ids"]), len(ids["chosen_ids"][:room]), len(ids["rejected_ids"][:room])))
+    return layout
 
 
-class PeakMemory:
-    """Peak process RSS above the level at start (CPU), or torch's peak allocation (GPU)."""
+# --- one row, in its own process ----------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Wall time at the end of every optimizer step (after the GPU finished it)."""
 
     def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        from transformers import TrainerCallback
 
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        process = psutil.Process()
-        self.base = process.memory_info().rss
+        clock = self
 
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, process.memory_info().rss - self.base)
-                time.sleep(0.01)
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if device == "cuda":
+                    import torch
 
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
+                    torch.cuda.synchronize()
+                clock.times.append(time.perf_counter())
 
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self.thread.join()
+        self.times, self.callback = [], Callback()
+
+    def pairs_per_s(self, batch: int, first: int = 8) -> float:
+        """Pairs per second over steps first+1..N."""
+        first = min(first, len(self.times) - 2)
+        return (len(self.times) - 1 - first) * batch / (self.times[-1] - self.times[first])
 
 
-@contextlib.contextmanager
-def completion_only_lm_head(enabled: bool):
-    """dpolab's lever (see dpolab.train): score only completion positions through TRL's fused LM head."""
-    if not enabled:
-        yield
-        return
-    from dpolab.train import score_completion_tokens_only
-
-    with score_completion_tokens_only():
-        yield
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def run_one(name, levers, args, model_dir, tokenizer, pairs, output_root) -> dict:
-    from datasets import Dataset
+def changed_share(model, initial) -> float:
+    params = dict(model.named_parameters())
+    changed = sum(int((params[name].detach() != value).sum()) for name, value in initial.items())
+    return changed / sum(value.numel() for value in initial.values())
+
+
+def trl_trainer(world, args, tokenizer):
+    """TRL's DPOTrainer with TRL's defaults: float32 weights under bf16 autocast, activation checkpointing, the
+    reference model's forward in every step ("trl-default"); or bf16 weights, no checkpointing and a reference
+    pre-pass, TRL's fastest setting measured before ("trl-bf16-precompute")."""
     from trl import DPOConfig, DPOTrainer
 
-    cuda = args.device == "cuda"
+    from dpolab.data import load_pairs
+
+    fastest = args.row == "trl-bf16-precompute"
     config = DPOConfig(
-        output_dir=str(output_root / name), report_to=[], save_strategy="no", logging_steps=1, seed=0,
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=1e-5, bf16=cuda, use_cpu=not cuda, dataloader_pin_memory=cuda, disable_tqdm=True,
-        activation_checkpointing=levers.get("activation_checkpointing", True),  # TRL's default: on
-        precompute_ref_log_probs=levers.get("precompute_ref_log_probs", False),
-        use_liger_kernel=levers.get("use_liger_kernel", False),
-        train_sampling_strategy="group_by_length" if levers.get("group_by_length") else "random",
-        length_column_name="length",
-        model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32},
+        output_dir=str(Path(args.work) / "runs" / args.row), max_steps=args.steps, per_device_train_batch_size=8,
+        learning_rate=5e-7, beta=0.1, max_length=1024, logging_steps=1, save_strategy="no", seed=0,
+        train_sampling_strategy="sequential", report_to=[], bf16=args.device == "cuda", use_cpu=args.device == "cpu",
+        activation_checkpointing=not fastest, precompute_ref_log_probs=fastest,
+        model_init_kwargs={"dtype": "bfloat16" if fastest else "float32"},
     )  # fmt: skip
-    dataset = Dataset.from_list(pairs)
-    gc.collect()
-    with PeakMemory(args.device) as memory, completion_only_lm_head(levers.get("completion_only", False)):
-        started = time.perf_counter()
-        trainer = DPOTrainer(model=str(model_dir), args=config, train_dataset=dataset, processing_class=tokenizer)
-        setup = time.perf_counter() - started
-        started = time.perf_counter()
-        trainer.train()
-        elapsed = time.perf_counter() - started
-    logs = [record for record in trainer.state.log_history if "loss" in record]
-    tokens = trainer.state.log_history[-2].get("num_tokens") if len(trainer.state.log_history) > 1 else None
-    result = {
-        "name": name,
-        "pairs_per_s": args.steps * args.batch_size / elapsed,
-        "tokens_per_s": (tokens or 0) / elapsed,
-        "peak_gib": memory.peak / 2**30,
-        "final_loss": logs[-1]["loss"],
-        "final_accuracy": logs[-1]["rewards/accuracies"],
-        "setup_s": setup,
-        "train_s": elapsed,
-    }
-    del trainer
-    gc.collect()
+    pairs = load_pairs(world["data"], "train")
+    return DPOTrainer(model=world["model"], args=config, train_dataset=pairs.dataset, processing_class=tokenizer)
+
+
+def train_config(world, args, **fields):
+    """A dpolab TrainConfig for the bench workload, with `fields` overriding."""
+    import yaml
+
+    from dpolab.config import parse_train_args
+
+    values = dict(model_name_or_path=world["model"], dataset_name=world["data"], runs_dir=str(Path(args.work) / "runs"),
+                  run_name=args.row, max_steps=args.steps, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                  learning_rate=5e-7, beta=0.1, max_length=1024, logging_steps=1, save_strategy="no", seed=0,
+                  train_sampling_strategy="sequential", report_to=[], dtype="float32", bf16=args.device == "cuda",
+                  use_cpu=args.device == "cpu", fit_to_memory=False, activation_checkpointing=False,
+                  dataloader_pin_memory=args.device == "cuda")  # fmt: skip
+    values.update(fields)
+    path = Path(args.work) / f"{args.row}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return parse_train_args(["--config", str(path)])
+
+
+def run_row(args) -> dict:
+    import torch
+
+    world = json.loads((Path(args.work) / "world.json").read_text())
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = {"row": args.row}
+    if args.row.startswith("cli-"):
+        return run_cli_row(args, world, result)
+    from dpolab import train
+    from dpolab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(world["model"])
+    started = time.perf_counter()
+    if args.row.startswith("trl-"):  # plain TRL: its DPOTrainer, its collator, its defaults
+        trainer = trl_trainer(world, args, tokenizer)
+    else:  # dpolab's own trainer building, as `dpolab train` does it
+        fields = {"fast_path": True, "precompute_ref_log_probs": True}
+        if args.row == "dpolab-fast-liger":
+            fields.update(use_liger_kernel=True)
+        if args.row == "dpolab-fast-sdpa":
+            fields.update(attn_implementation="sdpa")
+        if args.row == "dpolab-fast-bf16-kahan":
+            fields.update(dtype="bfloat16")
+        config = train_config(world, args, **fields)
+        train_pairs, _ = train.load_train_eval(config)
+        trainer = train.build_trainer(config, world["model"], tokenizer, train_pairs, None)  # includes the pre-pass
+    result["setup_s"] = time.perf_counter() - started
+    if args.row == "dpolab-fast-bf16-kahan":  # bf16 weights with Kahan-compensated AdamW (torch-optimi)
+        import optimi
+
+        trainer.optimizer_cls_and_kwargs = (optimi.AdamW, dict(lr=5e-7, betas=(0.9, 0.999), eps=1e-8,
+                                                                weight_decay=0.0, kahan_sum=True))  # fmt: skip
+    clock = StepClock(args.device)
+    trainer.add_callback(clock.callback)
+    initial = snapshot(trainer.model)
+    trainer.train()
+    result.update(
+        pairs_per_s=clock.pairs_per_s(8),
+        weights_changed=changed_share(trainer.model, initial),
+        losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
+        num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
+        attention=trainer.model.config._attn_implementation,
+        checkpointing=bool(trainer.args.activation_checkpointing),
+    )
+    if cuda:
+        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
     return result
+
+
+def run_cli_row(args, world, result) -> dict:
+    """`dpolab train --preset smoke|full` through train.run, as a user runs it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpolab import train
+    from dpolab.config import parse_train_args
+
+    preset = args.row.removeprefix("cli-")
+    argv = ["--preset", preset, "--model_name_or_path", world["model"], "--dataset_name", world["data"], "--runs_dir",
+            str(Path(args.work) / "runs"), "--run_name", preset, "--train_sampling_strategy", "sequential",
+            "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+    argv += ["--max_steps", str(args.steps)] if preset == "smoke" else ["--max_steps", "12", "--gpu_memory_gib", "24"]
+    summary = train.run(parse_train_args(argv))
+    run_dir = Path(summary["run_dir"])
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32).state_dict()
+    changed = sum(int((trained[k] != initial[k]).sum()) for k in initial) / sum(v.numel() for v in initial.values())
+    provenance = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    result.update(pairs_per_s_whole_run=summary["pairs_per_s"], weights_changed=changed,
+                  weights_changed_sampled=(summary.get("weights") or {}).get("weights/changed_share"),
+                  fit=provenance["dpolab_provenance"].get("fit_to_memory"),
+                  diagnostics=[f["name"] for f in summary.get("diagnostics", [])])  # fmt: skip
+    if torch.cuda.is_available():
+        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
+    return result
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+
+def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: int = 8) -> float | None:
+    """`dpolab plan`'s peak reserved (GiB) for a row, for the largest micro-batch the row really ran."""
+    from dpolab import plan
+
+    model = plan.model_shape(row["model"])
+    batches = [layout[i : i + batch] for i in range(0, steps * batch, batch)]
+    if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
+        tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
+    elif row["row"].startswith("dpolab-fast"):
+        tokens = max(sum(p + c + r for p, c, r in b) for b in batches)
+    else:
+        return None
+    shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
+                          weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
+                          precompute_ref=row["row"] != "trl-default", tokens=tokens)  # fmt: skip
+    return plan.peak_reserved(model, shape) / 2**30
+
+
+HEADER = ("row", "pairs/s", "x TRL default", "MFU %", "peak allocated GiB", "peak reserved GiB", "plan GiB",
+          "weights changed %", "max abs loss diff vs TRL default")  # fmt: skip
+
+
+def table(rows: list[dict], layout, args) -> str:
+    tokens_per_pair = sum(2 * p + c + r for p, c, r in layout) / len(layout)  # TRL's count: prompt in both rows
+    params = 494_032_768 if args.device == "cuda" else None
+    peak = PEAK_TFLOPS[args.device]
+    base = next((row for row in rows if row["row"] == "trl-default" and "error" not in row), None)
+    lines = [
+        f"{len(layout)} pairs, {tokens_per_pair:.0f} real tokens per pair (TRL's count), batch 8, max_length 1024, "
+        f"{args.steps} steps, pairs/s over steps 9-{args.steps} (cli rows: whole run)",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "| --- |" + " ---: |" * (len(HEADER) - 1),
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['row']} | failed: {row['error'][:150]} |" + " |" * (len(HEADER) - 2))
+            continue
+        rate = row.get("pairs_per_s") or row.get("pairs_per_s_whole_run")
+        mfu = 100 * rate * tokens_per_pair * 8 * params / (peak * 1e12) if params and peak and rate else None
+        ratio = row["pairs_per_s"] / base["pairs_per_s"] if base and row.get("pairs_per_s") else None
+        diff = None
+        if base and row.get("losses"):
+            diff = max(abs(a - b) for a, b in zip(row["losses"], base["losses"]))
+        if row.get("losses"):
+            plan_gib = planned({**row, "model": args.model_dir}, layout, args.steps)
+        else:
+            plan_gib = (row.get("fit") or {}).get("planned_peak_gib")
+        changed = 100 * row["weights_changed"] if row.get("weights_changed") is not None else None
+        cells = [rate, ratio, mfu, row.get("peak_allocated_gib"), row.get("peak_reserved_gib"), plan_gib, changed]
+        formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f"]
+        text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
+        lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--only", nargs="*", help="run only these rows")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--work", default=None, help="working directory (model, data, runs)")
+    parser.add_argument("--rows", default=",".join(REQUIRED_ROWS + OPTIONAL_ROWS))
+    parser.add_argument("--budget_s", type=float, default=330, help="skip optional rows past this many seconds")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    from transformers import Qwen2ForCausalLM
+    args.work = args.work or str(Path(args.out) / "work")
+    if args.row:
+        try:
+            result = run_row(args)
+        except Exception as error:  # one failed row must not lose the others' numbers
+            import traceback
 
-    rows = {
-        "TRL default": {},
-        "no activation checkpointing": {"activation_checkpointing": False},
-        "precompute_ref_log_probs": {"precompute_ref_log_probs": True},
-        "completion-only LM head": {"completion_only": True},
-        "dpolab fast (all three)": {
-            "activation_checkpointing": False,
-            "precompute_ref_log_probs": True,
-            "completion_only": True,
-        },  # fmt: skip
-    }
-    if args.only:
-        rows = {name: levers for name, levers in rows.items() if name in args.only or name == "TRL default"}
-    with tempfile.TemporaryDirectory() as temporary:
-        root = Path(temporary)
-        tokenizer = make_tokenizer(root / "model")
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(model_config(args.device)).save_pretrained(root / "model")
-        pairs = make_pairs(args.pairs, args.max_length)
-        for pair in pairs:  # for group_by_length: a length proxy in tokens (one word = one token)
-            pair["length"] = len(pair["prompt"].split()) + max(
-                len(pair["chosen"].split()), len(pair["rejected"].split())
-            )
-        results = []
-        for name, levers in rows.items():
-            print(f"running: {name} ...", flush=True)
-            results.append(run_one(name, levers, args, root / "model", tokenizer, pairs, root / "out"))
-            print(format_row(results[-1]), flush=True)
-    print_table(results, args)
-
-
-def format_row(r: dict) -> str:
-    return (f"  {r['name']:<30}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>11.1f}{r['peak_gib']:>10.2f}"
-            f"{r['final_loss']:>11.4f}{r['final_accuracy']:>10.3f}")  # fmt: skip
-
-
-def print_table(results: list[dict], args) -> None:
-    print(f"\ndevice {args.device}, {args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, "
-          f"vocab {VOCAB}, torch {torch.__version__}")  # fmt: skip
-    print(f"  {'setting':<30}{'pairs/s':>9}{'tokens/s':>11}{'peak GiB':>10}{'final loss':>11}{'accuracy':>10}")
-    for result in results:
-        print(format_row(result))
-    base = results[0]
-    print("\nratios against TRL default (speed: higher is better; memory: lower is better):")
-    for result in results[1:]:
-        print(f"  {result['name']:<30} speed x{result['pairs_per_s'] / base['pairs_per_s']:.2f}   "
-              f"peak memory x{result['peak_gib'] / max(base['peak_gib'], 1e-9):.2f}   "
-              f"final loss diff {result['final_loss'] - base['final_loss']:+.2e}")  # fmt: skip
+            traceback.print_exc()
+            result = {"row": args.row, "error": f"{type(error).__name__}: {error}"}
+        (Path(args.work) / f"{args.row}.json").write_text(json.dumps(result, indent=2))
+        return
+    started = time.time()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    world = build_world(work, args.device, pairs=max(args.steps * 8, 24 * 16) + 16)
+    (work / "world.json").write_text(json.dumps(world))
+    args.model_dir = world["model"]
+    layout = token_layout(world, 1024)
+    print(f"world ready in {time.time() - started:.0f} s", flush=True)
+    rows = []
+    for name in args.rows.split(","):
+        if name in OPTIONAL_ROWS and time.time() - started > args.budget_s:
+            print(f"skipping {name}: {time.time() - started:.0f} s spent", flush=True)
+            continue
+        row_started = time.time()
+        command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--work",
+                   str(work), "--out", args.out, "--row", name]  # fmt: skip
+        subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+        path = work / f"{name}.json"
+        rows.append(json.loads(path.read_text()) if path.is_file() else {"row": name, "error": "no result"})
+        rows[-1]["wall_s"] = round(time.time() - row_started, 1)
+        print(f"== {name}: {time.time() - row_started:.0f} s", json.dumps({k: v for k, v in rows[-1].items()
+                                                                           if k != "losses"}), flush=True)  # fmt: skip
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=2))
+    text = table(rows, layout, args)
+    (Path(args.out) / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,17 @@ def test_lost_updates_count_trainable_half_precision_weights_only():
     assert lost_updates([torch.nn.Parameter(torch.ones(3))], 5e-7) is None  # float32: nothing to lose
 
 
+def test_sampled_indices_stay_inside_large_tensors():
+    from dpolab.weights import sample_indices
+
+    numel = 151_936 * 128  # float32 cannot hold numel - 1 exactly: linspace would round past the end
+    indices = sample_indices(numel)
+    assert indices[0] == 0 and indices[-1] == numel - 1 and len(set(indices.tolist())) == 4096
+    assert sample_indices(10).tolist() == list(range(10))
+
+
 def test_movement_by_hand():
-    initial = [torch.tensor([3.0, 4.0]), torch.tensor([0.0])]
-    current = [torch.tensor([3.0, 4.5]), torch.tensor([0.0])]
+    initial, current = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([3.0, 4.5, 0.0])
     moved = movement(initial, current)
     assert moved["weights/changed_share"] == pytest.approx(1 / 3)
     assert moved["weights/relative_change"] == pytest.approx(0.5 / 5)

@@ -108,21 +108,21 @@ class WeightMovementCallback(TrainerCallback):
 
     def __init__(self):
         self.samples = []  # (parameter, flat indices)
-        self.initial = []
+        self.initial = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from dpolab.weights import sample_indices
+        from dpolab.weights import gather_sample, sample_indices
 
         parameters = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
         self.samples = [(p, sample_indices(p.numel()).to(p.device)) for p in parameters]
-        self.initial = [p.detach().reshape(-1)[index].clone() for p, index in self.samples]
+        self.initial = gather_sample(self.samples) if self.samples else None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from dpolab.weights import movement
+        from dpolab.weights import gather_sample, movement
 
         # every training log, and the trainer's closing one (train_runtime ...): the movement at the very end
         if self.samples and logs is not None and ("loss" in logs or "train_runtime" in logs):
-            logs.update(movement(self.initial, [p.detach().reshape(-1)[index] for p, index in self.samples]))
+            logs.update(movement(self.initial, gather_sample(self.samples)))
 
 
 class LiveProgressCallback(ProgressCallback):

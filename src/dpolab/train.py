@@ -219,6 +219,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
 
     from dpolab import packing
     from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback, WeightMovementCallback
+    from dpolab.models import score_completion_tokens_only
 
     training = config.training
     # transformers' TensorBoard callback would nest events under output_dir/runs/<date>; keep them in one place.
@@ -252,7 +253,8 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
             "fp16": training.fp16,
             "ld_alpha": training.ld_alpha,
         }
-        trainer = packing.reference_trainer_class()(**arguments, reference_path=model_path, precision=precision)
+        with score_completion_tokens_only():  # the reference pre-pass runs inside the constructor
+            trainer = packing.reference_trainer_class()(**arguments, reference_path=model_path, precision=precision)
     else:
         trainer = DPOTrainer(**arguments)
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
@@ -290,14 +292,18 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
 
 def load_policy(config: TrainConfig, model_path: str):
     """The model to train, loaded as TRL's DPOTrainer would load it from `model_path` (TRL's own loader)."""
+    import torch
     from trl import get_quantization_config
     from trl.trainer.utils import create_model_from_path
 
     model_args, training = config.model, config.training
+    attention = model_args.attn_implementation
+    if attention is None and config.script.fast_path and torch.cuda.is_available():
+        attention = "flex_attention"  # skips the masked blocks of a packed row (bench/RESULTS.md)
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attention,
         dtype=model_args.dtype,
     )
     kwargs.update(training.model_init_kwargs or {})

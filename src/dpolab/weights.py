@@ -77,16 +77,23 @@ def sample_indices(numel: int, count: int = SAMPLE_PER_TENSOR) -> torch.Tensor:
     """Evenly spread flat indices into a tensor of `numel` elements (all of them when it is small)."""
     if numel <= count:
         return torch.arange(numel)
-    return torch.linspace(0, numel - 1, count).long()
+    return torch.arange(count, dtype=torch.int64) * (numel - 1) // (count - 1)  # integers: exact at any size
 
 
-def movement(initial: list[torch.Tensor], current: list[torch.Tensor]) -> dict[str, float]:
-    """Share of sampled weights that changed, and the relative size of the change ||w - w0|| / ||w0||."""
-    changed = sum(int((a != b).sum()) for a, b in zip(initial, current, strict=True))
-    total = sum(a.numel() for a in initial)
-    difference = sum(float((b.float() - a.float()).pow(2).sum()) for a, b in zip(initial, current, strict=True))
-    norm = sum(float(a.float().pow(2).sum()) for a in initial)
+def movement(initial: torch.Tensor, current: torch.Tensor) -> dict[str, float]:
+    """Share of sampled weights that changed, and the relative size of the change ||w - w0|| / ||w0||.
+
+    initial, current: the same sample of weights, flat, float32 (one device sync for the three numbers).
+    """
+    changed, difference, norm = torch.stack(
+        [(current != initial).sum().float(), (current - initial).pow(2).sum(), initial.pow(2).sum()]
+    ).tolist()
     return {
-        "weights/changed_share": changed / total if total else 0.0,
+        "weights/changed_share": changed / initial.numel() if initial.numel() else 0.0,
         "weights/relative_change": (difference / norm) ** 0.5 if norm > 0 else float(difference > 0),
     }
+
+
+def gather_sample(parameters_and_indices) -> torch.Tensor:
+    """The sampled weights of every tensor, flat and in float32 (a cast alone never counts as a change)."""
+    return torch.cat([p.detach().reshape(-1)[index].float() for p, index in parameters_and_indices])
