@@ -140,12 +140,13 @@ class StepClock:
 
 
 def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The initial weights, in host memory (a copy on the GPU would add to the peak being measured)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def changed_share(model, initial) -> float:
     params = dict(model.named_parameters())
-    changed = sum(int((params[name].detach() != value).sum()) for name, value in initial.items())
+    changed = sum(int((params[name].detach().cpu() != value).sum()) for name, value in initial.items())
     return changed / sum(value.numel() for value in initial.values())
 
 
