@@ -55,11 +55,17 @@ OPTIONAL_ROWS = ("trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa",
 def build_world(work: Path, device: str, pairs: int, seed: int = 0) -> dict:
     """A byte-level BPE tokenizer with one token per word (AutoTokenizer reloads it correctly next to a qwen2
     config, unlike a word-level one), a random-init model, and ultrafeedback-shaped data."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
     model_dir = work / "model"
+    tokenizer = build_tokenizer(model_dir)
+    build_model(model_dir, tokenizer, device, seed)
+    data = build_data(work / "data", pairs, scale=1 if device == "cuda" else 8, seed=seed)
+    return {"model": str(model_dir), "data": str(data)}
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -68,32 +74,42 @@ def build_world(work: Path, device: str, pairs: int, seed: int = 0) -> dict:
     bpe.train_from_iterator([" ".join(WORDS)] * 4 + ["user\nassistant\n"] * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHATML)  # fmt: skip
-    tokenizer.save_pretrained(model_dir)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_model(directory: Path, tokenizer, device: str, seed: int) -> None:
+    """The Qwen2-0.5B architecture (a 2-layer one on the CPU) with random weights and the real vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
     shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2) if device == "cuda" else dict(hidden_size=128, intermediate_size=384,
                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     config = Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=4096,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+
+
+def build_data(directory: Path, pairs: int, scale: int, seed: int) -> Path:
+    """Message-list pairs, implicit prompt: prompts 35-370 words, answers 35-740 (log-uniform), / scale."""
     rng = random.Random(seed)
 
     def text(low, high):
+        low, high = low // scale, high // scale
         return " ".join(rng.choice(WORDS) for _ in range(int(round(low * (high / low) ** rng.random()))))
 
-    scale = 1 if device == "cuda" else 8  # the CPU variant only checks that every row runs: pairs 8x shorter
-
     def pair():
-        user = {"role": "user", "content": text(35 // scale, 370 // scale)}
-        return {"chosen": [user, {"role": "assistant", "content": text(35 // scale, 740 // scale)}],
-                "rejected": [user, {"role": "assistant", "content": text(35 // scale, 740 // scale)}]}  # fmt: skip
+        user = {"role": "user", "content": text(35, 370)}
+        return {"chosen": [user, {"role": "assistant", "content": text(35, 740)}],
+                "rejected": [user, {"role": "assistant", "content": text(35, 740)}]}  # fmt: skip
 
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     train = [pair() for _ in range(pairs)]
-    (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
-    (data / "test.jsonl").write_text("".join(json.dumps(pair()) + "\n" for _ in range(32)))
-    return {"model": str(model_dir), "data": str(data)}
+    (directory / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
+    (directory / "test.jsonl").write_text("".join(json.dumps(pair()) + "\n" for _ in range(32)))
+    return directory
 
 
 def token_layout(world: dict, max_length: int) -> list[tuple[int, int, int]]:

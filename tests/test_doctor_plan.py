@@ -86,6 +86,7 @@ def test_memory_components_by_hand():
     assert accumulated["gradients"] == 1992 * 2  # kept between micro-batches
     master = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, precompute_ref=True, tokens=40))
     assert master["bf16 weight copies (autocast)"] == 1992 * 2 and master["reference model"] == 0
+    assert master["gradients"] == 0  # float32 weights: the head's fp32 accumulator (LM head row) is its gradient
     assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * (304 + 32)
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))
     assert lora["reference model"] == 0 and lora["gradients"] == 2 * 4 * (16 + 12) * 4

@@ -10,7 +10,8 @@ the weights, their bf16 copies under autocast, AdamW's two states, the gradients
 accumulation keeps them between micro-batches, else the LM head's, allocated first), the reference model
 when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
 fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
-allocator's slack, calibrated on an H100 (bench/RESULTS.md).
+allocator's slack. Measured on an H100 (bench/RESULTS.md): within -7%..+13% of peak reserved for TRL's
+default, dpolab's fast path and the smoke and full presets.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     tokens = run.micro_batch_tokens
     trainable = lora_parameters(model, run.lora_r) if run.peft else model.params
     trainable_bytes = 4 if run.peft else run.weight_bytes  # peft keeps adapters (and their Adam states) in fp32
-    head_gradient = 0 if run.peft else model.vocab * model.hidden * run.weight_bytes
+    # With accumulation 1 only the head's gradient exists at the peak; for float32 weights TRL's fp32 head-gradient
+    # accumulator (counted with the LM head below) is that gradient, for bf16 weights a bf16 copy is made.
+    head_gradient = 0 if run.peft or run.weight_bytes == 4 else model.vocab * model.hidden * run.weight_bytes
     residual_bytes = 4 if run.weight_bytes == 4 else 2
     per_layer = activation_bytes_per_token_layer(model, residual_bytes)
     if run.checkpointing:  # each layer keeps its input; one layer is recomputed at a time during backward
