@@ -97,6 +97,45 @@ CASES = {
         "holds its weights only as pickle",
     ),
     "--config and --preset together": (lambda w: ["train", "--preset", "smoke", "--config", w.config()], "not both"),
+    "an empty reply, without drop_invalid_rows": (
+        lambda w: w.train(data=w.rows(mutate_rows(lambda r: set_content(r, " ")))),
+        "add `--drop_invalid_rows true`",
+    ),
+    "every row invalid, even with drop_invalid_rows": (
+        lambda w: w.train(data=w.rows([{**r, "chosen": []} for r in messages_rows()]), drop_invalid_rows=True),
+        "Every row is invalid",
+    ),
+    "answers the tokenizer turns into nothing": (
+        lambda w: w.train(
+            model_name_or_path=str(w.broken_tokenizer()),
+            data=w.rows(
+                [
+                    {
+                        "prompt": [{"role": "user", "content": "say something"}],
+                        "chosen": [{"role": "assistant", "content": "fine"}],
+                        "rejected": [{"role": "assistant", "content": "no"}],
+                    }
+                ]
+                * 4
+            ),
+        ),  # fmt: skip
+        "into no tokens at all",
+    ),
+    "a split named for a single file": (
+        lambda w: [
+            "eval",
+            "--model",
+            str(w.model),
+            "--ref",
+            str(w.model),
+            "--data",
+            w.data + "/train.jsonl",
+            "--split",
+            "test",
+        ],  # fmt: skip
+        "one split, used whole",
+    ),
+    "a misspelt eval option": (lambda w: ["eval", "--modle", "x"], "unknown option '--modle'. Did you mean '--model'?"),
     "eval of a missing checkpoint": (
         lambda w: ["eval", "--model", str(w.tmp / "runs" / "x" / "checkpoint-7")],
         "Checkpoint not found",
@@ -136,6 +175,11 @@ class World:
         (self.tmp / "runs" / "case").mkdir(parents=True)
         (self.tmp / "runs" / "case" / "config.yaml").write_text("mine: true\n")
         return self.train()
+
+    def broken_tokenizer(self):
+        from test_real_data import broken_tokenizer_model
+
+        return broken_tokenizer_model(self.tmp, self.model)
 
     def pickle_model(self):
         import shutil

@@ -155,7 +155,9 @@ def test_file_errors(tmp_path):
 
 def test_splits_from_files_and_directories(tmp_path):
     single = write_jsonl(tmp_path / "one.jsonl", rows_in_format("strings", 3))
-    assert "single file, so it has only one split" in load_error(single, split="test")
+    message = load_error(single, split="test")
+    assert "is a single file: it is one split, used whole" in message and "`--split train`" in message
+    assert len(load_pairs(str(single), None).dataset) == 3  # no split named: the whole file
     split_dir = tmp_path / "splits"
     write_jsonl(split_dir / "train.jsonl", rows_in_format("strings", 3))
     write_jsonl(split_dir / "test.jsonl", rows_in_format("strings", 2, seed=5))

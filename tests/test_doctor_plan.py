@@ -134,7 +134,7 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
 
     from dpolab.config import parse_train_args
     from dpolab.models import load_tokenizer
-    from dpolab.train import fit_to_memory, load_train_eval
+    from dpolab.train import check_tokens, fit_to_memory, load_train_eval
 
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 16))
     budget = (plan.CUDA_CONTEXT_BYTES + 2.5 * 2**20) / 2**30
@@ -142,7 +142,8 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
                                "--gpu_memory_gib", str(budget)])  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
-    chosen = fit_to_memory(config, str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), load_train_eval(config)[0])
+    lengths = check_tokens(config, load_tokenizer(str(tiny_model_dir)), load_train_eval(config)[0])
+    chosen = fit_to_memory(config, str(tiny_model_dir), lengths)
     assert chosen["per_device_train_batch_size"] * chosen["gradient_accumulation_steps"] == 8
     assert 1 < chosen["per_device_train_batch_size"] < 8 and not chosen["activation_checkpointing"]
     assert config.training.per_device_train_batch_size == chosen["per_device_train_batch_size"]

@@ -76,6 +76,13 @@ class ScriptArguments:
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (if any)."})
     chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred answer."})
     rejected_column: str = field(default="rejected", metadata={"help": "Column holding the dispreferred answer."})
+    drop_invalid_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out the rows that fail validation (listed in the output and in config.yaml) and train on "
+            "the rest. Off: invalid rows are an error that lists them."
+        },
+    )
     runs_dir: str = field(default="runs", metadata={"help": "Directory that holds one sub-directory per run."})
     resume: bool = field(
         default=False, metadata={"help": "Continue the existing run `runs_dir`/`run_name` from its last checkpoint."}

@@ -42,6 +42,17 @@ class Pairs:
     rows_read: int
     identical_rows: list[int] = field(default_factory=list)  # chosen == rejected, dropped
     duplicate_rows: int = 0  # rows repeating an earlier (prompt, chosen, rejected)
+    invalid_rows: list[tuple[int, str]] = field(default_factory=list)  # (row, problem), dropped by drop_invalid_rows
+    early_divergence_rows: list[int] = field(default_factory=list)  # conversations differing before the last turn
+
+    def drop_report(self) -> dict:
+        """What was left out or looks odd, for config.yaml's provenance (the first rows of each and a count)."""
+        return {
+            "invalid_rows": len(self.invalid_rows),
+            "first_invalid": [{"row": row, "problem": problem} for row, problem in self.invalid_rows[:10]],
+            "identical_rows": len(self.identical_rows),
+            "early_divergence_rows": self.early_divergence_rows[:50],
+        }
 
     @property
     def is_conversational(self) -> bool:
@@ -56,11 +67,13 @@ def load_pairs(
     prompt_column: str = "prompt",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
+    drop_invalid_rows: bool = False,
 ) -> Pairs:
-    """Read one split of a source, validate every row and return it in TRL's format."""
+    """Read one split of a source (a single file is one split: `split` None or "train"), validate every row and
+    return it in TRL's format; invalid rows are an error, or dropped and listed with `drop_invalid_rows`."""
     rows, where = read_rows(source, split, dataset_config)
     rows = rename_columns(rows, where, {prompt_column: "prompt", chosen_column: "chosen", rejected_column: "rejected"})
-    return normalize_rows(rows, where)
+    return normalize_rows(rows, where, drop_invalid_rows)
 
 
 def split_holdout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
@@ -68,7 +81,8 @@ def split_holdout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pair
     parts = pairs.dataset.train_test_split(test_size=fraction, seed=seed, shuffle=True)
     if len(parts["test"]) == 0 or len(parts["train"]) == 0:
         raise DpolabError(f"eval_holdout={fraction} of {len(pairs.dataset)} pairs leaves an empty split.")
-    train = Pairs(parts["train"], f"{pairs.source} (train part)", pairs.format, len(parts["train"]))
+    train = Pairs(parts["train"], f"{pairs.source} (train part)", pairs.format, len(parts["train"]),
+                  invalid_rows=pairs.invalid_rows, early_divergence_rows=pairs.early_divergence_rows)  # fmt: skip
     held_out = Pairs(parts["test"], f"{pairs.source} (held-out {fraction:g})", pairs.format, len(parts["test"]))
     return train, held_out
 
@@ -76,16 +90,22 @@ def split_holdout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pair
 # --- reading -------------------------------------------------------------------------------------------------
 
 
-def read_rows(source: str, split: str, dataset_config: str | None = None) -> tuple[list[dict], str]:
-    """The rows of one split of `source` as plain dicts, and a label naming where they came from."""
+def read_rows(source: str, split: str | None, dataset_config: str | None = None) -> tuple[list[dict], str]:
+    """The rows of one split of `source` as plain dicts, and a label naming where they came from.
+
+    A single file is one split, used whole (`split` None or "train"); a directory or a Hub dataset needs a split.
+    """
     path = Path(source).expanduser()
     if path.is_file():
-        if split != "train":
+        if split not in (None, "train"):
             raise DpolabError(
-                f"{source} is a single file, so it has only one split ('train'), not '{split}'. Use a directory "
-                f"with one file per split (train.jsonl, test.jsonl) or `eval_holdout`."
+                f"{source} is a single file: it is one split, used whole, not a split '{split}'. Leave the split out "
+                f"(or give `--split train`; for a run, `--eval_split none`), use a directory with one file per split "
+                f"(train.jsonl, test.jsonl), or `eval_holdout`."
             )
         return _read_file(path), str(path)
+    if split is None:
+        raise DpolabError(f"{source} has splits: name one (`--split test`, `--train_split train`, ...).")
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return _read_saved_dataset(path, split)
@@ -324,15 +344,16 @@ def normalize_row(row: dict, fmt: str) -> tuple[dict | None, str | None]:
     return pair, None
 
 
-def normalize_rows(rows: list[dict], where: str) -> Pairs:
-    """Validate every row against the format of the first; raise one DpolabError listing the bad rows."""
+def normalize_rows(rows: list[dict], where: str, drop_invalid_rows: bool = False) -> Pairs:
+    """Validate every row against the format of the first. Bad rows are one DpolabError listing them, or, with
+    `drop_invalid_rows`, left out and listed in `Pairs.invalid_rows`; all rows bad is an error either way."""
     from datasets import Dataset
 
     if not rows:
         raise DpolabError(f"{where}: no rows.")
     has_prompt = "prompt" in rows[0]
     fmt = row_format(rows[0], has_prompt)
-    problems, normalized, identical = [], [], []
+    problems, normalized, identical, diverging = [], [], [], []
     for index, row in enumerate(rows):
         row_fmt = row_format(row, has_prompt)
         if row_fmt is None:
@@ -346,12 +367,23 @@ def normalize_rows(rows: list[dict], where: str) -> Pairs:
             pair, problem = normalize_row(row, fmt)
             if pair is not None:
                 normalized.append(pair)
+                if diverges_early(pair, fmt):
+                    diverging.append(index)
         if problem:
-            problems.append(f"row {index}: {problem}")
-    if problems:
-        shown = problems[:MAX_REPORTED_ROW_ERRORS]
+            problems.append((index, problem))
+    if problems and (not drop_invalid_rows or not normalized):
+        shown = [f"row {index}: {problem}" for index, problem in problems[:MAX_REPORTED_ROW_ERRORS]]
         more = f"\n  ... and {len(problems) - len(shown)} more bad rows" if len(problems) > len(shown) else ""
-        raise DpolabError(f"{where}: {len(problems)} bad row(s) (rows count from 0):\n  " + "\n  ".join(shown) + more)
+        good = len(normalized) + len(identical)
+        how = (
+            "Every row is invalid: check the columns and the format (`dpolab data check`)."
+            if not normalized
+            else f"To leave these {len(problems)} rows out and go on with the other {good}, add "
+            "`--drop_invalid_rows true` (they are listed in the output and in a run's config.yaml)."
+        )
+        raise DpolabError(
+            f"{where}: {len(problems)} bad row(s) (rows count from 0):\n  " + "\n  ".join(shown) + more + f"\n{how}"
+        )
     if not normalized:
         raise DpolabError(
             f"{where}: no usable pairs: chosen == rejected in all {len(rows)} rows, so there is no preference to learn."
@@ -364,7 +396,33 @@ def normalize_rows(rows: list[dict], where: str) -> Pairs:
         rows_read=len(rows),
         identical_rows=identical,
         duplicate_rows=sum(count - 1 for count in keys.values()),
+        invalid_rows=problems,
+        early_divergence_rows=diverging,
     )
+
+
+def diverges_early(pair: dict, fmt: str) -> bool:
+    """An implicit-prompt conversation whose chosen and rejected sides differ before their last message: TRL's
+    prompt is only the shared part, so the 'completions' hold several turns."""
+    return fmt in (IMPLICIT_MESSAGES, HH_RLHF) and (len(pair["chosen"]) > 1 or len(pair["rejected"]) > 1)
+
+
+def describe_drops(pairs: Pairs) -> list[str]:
+    """Lines saying which rows were left out or look odd (for `train` and `data check` output)."""
+    lines = []
+    if pairs.invalid_rows:
+        shown = "; ".join(f"row {row}: {problem}" for row, problem in pairs.invalid_rows[:5])
+        more = f"; ... ({len(pairs.invalid_rows) - 5} more)" if len(pairs.invalid_rows) > 5 else ""
+        lines.append(f"dropped {len(pairs.invalid_rows)} invalid row(s) (drop_invalid_rows): {shown}{more}")
+    if pairs.early_divergence_rows:
+        rows = ", ".join(map(str, pairs.early_divergence_rows[:10])) + (
+            ", ..." if len(pairs.early_divergence_rows) > 10 else ""
+        )
+        lines.append(
+            f"{len(pairs.early_divergence_rows)} pair(s) whose conversations differ before the last turn (rows "
+            f"{rows}): their prompt is only the shared opening, and their answers hold several turns"
+        )
+    return lines
 
 
 # --- token lengths, exactly as the trainer tokenizes ---------------------------------------------------------
@@ -404,6 +462,7 @@ class LengthStats:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    pair_index: list[int] = field(default_factory=list)  # the pair each count belongs to (a sample may skip some)
 
     def truncated(self, max_length: int | None) -> int:
         """Pairs where prompt + chosen or prompt + rejected exceeds max_length."""
@@ -412,20 +471,60 @@ class LengthStats:
         return sum(p + max(c, r) > max_length for p, c, r in zip(self.prompt, self.chosen, self.rejected, strict=True))
 
     def dropped(self, max_length: int | None) -> int:
-        """Pairs TRL drops because the prompt alone reaches max_length."""
+        """Pairs TRL drops because the prompt alone reaches max_length (their answers are truncated to nothing)."""
         return 0 if max_length is None else sum(p >= max_length for p in self.prompt)
 
+    def empty_answers(self) -> list[int]:
+        """The pairs whose chosen or rejected answer tokenizes to no token at all."""
+        return [i for i, c, r in zip(self.pair_index, self.chosen, self.rejected, strict=True) if c == 0 or r == 0]
 
-def token_lengths(pairs: Pairs, tokenizer, progress: bool = True) -> LengthStats:
+    def scored(self, max_length: int | None) -> list[tuple[int, int, int]]:
+        """(prompt, chosen, rejected) tokens as the trainer scores them: answers cut at max_length."""
+        if max_length is None:
+            return list(zip(self.prompt, self.chosen, self.rejected, strict=True))
+        return [(p, min(c, max(max_length - p, 0)), min(r, max(max_length - p, 0)))
+                for p, c, r in zip(self.prompt, self.chosen, self.rejected, strict=True)]  # fmt: skip
+
+
+def token_lengths(pairs: Pairs, tokenizer, progress: bool = True, sample: int | None = None) -> LengthStats:
+    """Token counts of every pair, or of a seeded random `sample` of them, as TRL tokenizes them."""
     from tqdm.auto import tqdm
 
-    stats = LengthStats([], [], [])
-    for pair in tqdm(pairs.dataset, desc="Tokenizing", disable=not progress, unit="pair"):
-        ids = pair_token_ids(pair, tokenizer)
+    indices = list(range(len(pairs.dataset)))
+    if sample is not None and sample < len(indices):
+        import random
+
+        indices = sorted(random.Random(0).sample(indices, sample))
+    stats = LengthStats([], [], [], [])
+    for index in tqdm(indices, desc="Tokenizing", disable=not progress, unit="pair"):
+        ids = pair_token_ids(pairs.dataset[index], tokenizer)
         stats.prompt.append(len(ids["prompt_ids"]))
         stats.chosen.append(len(ids["chosen_ids"]))
         stats.rejected.append(len(ids["rejected_ids"]))
+        stats.pair_index.append(index)
     return stats
+
+
+def check_tokenization(stats: LengthStats, tokenizer_name: str, source: str, max_length: int | None) -> list[str]:
+    """Answers that tokenize to nothing are an error (a broken or mismatched tokenizer trains on nothing: loss
+    ln 2, zero gradients); returns warnings when many answers are truncated to nothing."""
+    empty = stats.empty_answers()
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise DpolabError(
+            f"{len(empty)} of {len(stats.prompt)} pairs checked from {source} have an answer that the tokenizer of "
+            f"{tokenizer_name} turns into no tokens at all (pairs {shown}, counting from 0). Training on them learns "
+            f"nothing (loss ln 2, zero gradients). The tokenizer is broken or does not belong to the data: check it "
+            f"with `dpolab data check --model_name_or_path ...`; a tokenizer saved from a bare `tokenizers` object "
+            f"next to a model config can be reloaded as the model's own tokenizer class and lose its vocabulary."
+        )
+    dropped = stats.dropped(max_length)
+    if stats.prompt and dropped / len(stats.prompt) > 0.1:
+        return [
+            f"WARNING: {dropped / len(stats.prompt):.0%} of the pairs checked have a prompt that alone reaches "
+            f"max_length={max_length}: their answers are truncated to nothing and TRL drops them. Raise --max_length."
+        ]
+    return []
 
 
 def percentiles(values: list[int], points=(50, 90, 99)) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dpolab.config import given_fields, trl_default
-from dpolab.data import load_pairs, percentiles, token_lengths
+from dpolab.data import check_tokenization, describe_drops, load_pairs, percentiles, token_lengths
 from dpolab.errors import DpolabError
 
 
@@ -23,7 +23,7 @@ class DataCheckConfig:
             "help": "Hub dataset id, .jsonl/.json/.parquet/.csv file, split directory or save_to_disk directory",
         }
     )
-    split: str = field(default="train", metadata={"help": "split to check"})
+    split: str = field(default="train", metadata={"help": "split to check (a single file is one split, checked whole)"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     chosen_column: str = field(default="chosen", metadata={"help": "column holding the preferred answer"})
@@ -33,6 +33,9 @@ class DataCheckConfig:
     )
     max_length: int | None = field(default=None, metadata={"help": "TRL's max_length (default: TRL's, 1024)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow tokenizer code from the Hub"})
+    drop_invalid_rows: bool = field(
+        default=False, metadata={"help": "list the rows that fail validation and check the rest, instead of stopping"}
+    )
 
 
 def run(config: DataCheckConfig) -> dict:
@@ -44,6 +47,7 @@ def run(config: DataCheckConfig) -> dict:
         prompt_column=config.prompt_column,
         chosen_column=config.chosen_column,
         rejected_column=config.rejected_column,
+        drop_invalid_rows=config.drop_invalid_rows,
     )
     report = {
         "source": pairs.source,
@@ -61,7 +65,9 @@ def run(config: DataCheckConfig) -> dict:
         f"identical pairs:  {len(pairs.identical_rows)} (chosen == rejected; dropped by `dpolab train`)"
         + (f", rows {', '.join(map(str, pairs.identical_rows[:10]))}" if pairs.identical_rows else ""),
         f"duplicate pairs:  {pairs.duplicate_rows} (same prompt, chosen and rejected as an earlier row)",
+        *describe_drops(pairs),
     ]
+    report.update(pairs.drop_report())
     if config.model_name_or_path:
         from dpolab.models import load_tokenizer, resolve_model
 
@@ -73,6 +79,7 @@ def run(config: DataCheckConfig) -> dict:
             raise DpolabError(f"{config.model_name_or_path} has no chat template, and the data are message lists.")
         max_length = config.max_length if "max_length" in given_fields(config) else trl_default("max_length")
         stats = token_lengths(pairs, tokenizer)
+        warnings = check_tokenization(stats, config.model_name_or_path, pairs.source, max_length)
         lines.append(f"\ntoken lengths ({config.model_name_or_path}, as TRL's DPOTrainer tokenizes them):")
         lines.append(f"  {'':<18}" + "".join(f"{name:>9}" for name in ("min", "p50", "p90", "p99", "max", "mean")))
         columns = {
@@ -92,6 +99,7 @@ def run(config: DataCheckConfig) -> dict:
             f"max_length {max_length}: {truncated} pairs truncated ({share:.1f}%), {dropped} dropped by TRL "
             "(prompt alone reaches max_length)"
         )
+        lines += warnings
     else:
         lines.append("\n(token lengths and truncation: give --model_name_or_path for the tokenizer)")
     print("\n".join(lines))

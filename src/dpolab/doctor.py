@@ -5,6 +5,7 @@ One table of checks; each problem comes with the command that fixes it; exit cod
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -110,25 +111,73 @@ def torch_checks() -> list[Check]:
     return checks
 
 
-def cache_checks() -> list[Check]:
+# What the reference job writes to disk: Qwen2-0.5B-Instruct (~1 GB) and ultrafeedback_binarized (~0.2 GB) in the
+# Hugging Face cache; a full run keeps 3 checkpoints of float32 weights + AdamW states (3 x ~5.5 GiB) and final/.
+DOWNLOAD_GIB = 1.2
+FULL_RUN_GIB = 3 * 5.5 + 1.9
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+DEPRECATED_CACHE_VARIABLES = ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE")
+
+
+def free_gib(path: Path) -> float:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free / 2**30
+
+
+def cache_checks(environ=os.environ, runs_dir: Path = Path("runs")) -> list[Check]:
+    """Where downloads and runs go, and whether the disk there holds the reference job."""
     from huggingface_hub import constants
 
-    from dpolab.hub import hub_reachable
-
     cache = Path(constants.HF_HUB_CACHE)
-    existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
-    free_gib = shutil.disk_usage(existing).free / 2**30
-    checks = [Check("HF cache", OK if free_gib >= 10 else WARN, f"{cache} ({free_gib:.0f} GiB free)",
-                    "" if free_gib >= 10 else "free disk or set HF_HOME to a larger disk")]  # fmt: skip
-    if constants.HF_HUB_OFFLINE:
-        checks.append(Check("Hugging Face Hub", OK, "offline mode (HF_HUB_OFFLINE=1): only cached models and data"))
-    elif hub_reachable():
-        checks.append(Check("Hugging Face Hub", OK, "reachable"))
-    else:
+    cache_free = free_gib(cache)
+    checks = [Check(
+        "HF cache", OK if cache_free >= DOWNLOAD_GIB + 1 else WARN,
+        f"{cache} ({cache_free:.0f} GiB free; the reference job downloads ~{DOWNLOAD_GIB:g} GiB)",
+        "" if cache_free >= DOWNLOAD_GIB + 1 else "put the cache on the data disk: export HF_HOME=/root/autodl-tmp/hf",
+    )]  # fmt: skip
+    runs_free = free_gib(runs_dir.resolve())
+    checks.append(Check(
+        "disk for runs", OK if runs_free >= FULL_RUN_GIB else WARN,
+        f"{runs_dir.resolve()} ({runs_free:.0f} GiB free; a full run's checkpoints take ~{FULL_RUN_GIB:.0f} GiB)",
+        "" if runs_free >= FULL_RUN_GIB else "run from the data disk (cd /root/autodl-tmp) or set --runs_dir there, "
+        "or lower save_total_limit",
+    ))  # fmt: skip
+    for name in DEPRECATED_CACHE_VARIABLES:
+        if environ.get(name):
+            checks.append(Check(
+                name, WARN, f"set to {environ[name]}: deprecated, and the datasets cache does not follow it",
+                f"unset {name}; export HF_HOME=<a directory on the data disk> instead",
+            ))  # fmt: skip
+    return checks
+
+
+def network_checks(environ=os.environ) -> list[Check]:
+    """The Hub or its mirror (HF_ENDPOINT), and proxy variables."""
+    from dpolab.hub import DEFAULT_ENDPOINT, can_connect
+
+    checks = []
+    proxies = [name for name in PROXY_VARIABLES if environ.get(name)]
+    if proxies:
         checks.append(Check(
-            "Hugging Face Hub", WARN, "not reachable: Hub models and datasets must already be in the cache",
-            "use local directories/files, or download where there is network and copy the cache",
+            "proxy", WARN, f"{', '.join(proxies)} set: downloads go through {environ[proxies[0]]}",
+            "keep it on for downloads only; training needs no network (AutoDL's academic proxy: unset http_proxy "
+            "https_proxy once the model and data are cached)",
         ))  # fmt: skip
+    if environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        checks.append(Check("Hugging Face Hub", OK, "offline mode (HF_HUB_OFFLINE=1): only cached models and data"))
+        return checks
+    endpoint = environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    label = "HF_ENDPOINT" if environ.get("HF_ENDPOINT") else "Hugging Face Hub"
+    if can_connect(endpoint):
+        checks.append(Check(label, OK, f"{endpoint} reachable"))
+    else:
+        fix = (
+            "check the mirror's address (e.g. https://hf-mirror.com) or unset HF_ENDPOINT; behind a proxy, turn it on "
+            "for the download"
+            if environ.get("HF_ENDPOINT")
+            else "set HF_ENDPOINT=https://hf-mirror.com where huggingface.co is blocked, or use local directories/files"
+        )
+        checks.append(Check(label, WARN, f"{endpoint} not reachable: Hub models and data must already be cached", fix))
     return checks
 
 
@@ -148,6 +197,7 @@ def run(config: DoctorConfig) -> int:
         *torch_checks(),
         numpy_abi_check(),
         *cache_checks(),
+        *network_checks(),
     ]
     width = max(len(check.name) for check in checks)
     for check in checks:

@@ -40,7 +40,11 @@ class EvalConfig:
     ref: str | None = field(default=None, metadata={"help": "reference model (default: the run's base model, or "
                                                              "the adapter's base)"})  # fmt: skip
     data: str | None = field(default=None, metadata={"help": "pairs source (default: the run's dataset_name)"})
-    split: str | None = field(default=None, metadata={"help": "split (default: the run's eval split, else 'test')"})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "split (default: the run's eval split; a directory's or Hub dataset's 'test'; a single "
+                          "file is one split, used whole)"},
+    )  # fmt: skip
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
     prompt_column: str | None = field(default=None, metadata={"help": "column holding the prompt"})
     chosen_column: str | None = field(default=None, metadata={"help": "column holding the preferred answer"})
@@ -50,6 +54,8 @@ class EvalConfig:
     )
     seed: int | None = field(default=None, metadata={"help": "seed of the held-out split"})
     limit: int | None = field(default=None, metadata={"help": "only the first N pairs"})
+    drop_invalid_rows: bool = field(default=False, metadata={"help": "leave out (and list) the rows that fail "
+                                                                      "validation instead of stopping"})  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "TRL's max_length (prompt + completion)"})
     truncation_mode: str | None = field(
         default=None, metadata={"help": "TRL's truncation_mode", "choices": ("keep_start", "keep_end")}
@@ -133,7 +139,9 @@ def resolve(config: EvalConfig, run: RunDir | None = None, name: str | None = No
     if located_run is not None:
         run_config = located_run.read_config()
         run_values = {key: run_config[source] for key, source in FROM_RUN.items() if source in run_config}
-        if run_config.get("eval_split"):
+        if "data" in given:  # other data than the run's: its split and held-out fraction do not apply
+            pass
+        elif run_config.get("eval_split"):
             run_values["split"] = run_config["eval_split"]
         elif run_config.get("eval_holdout"):  # the trainer scored a seeded held-out part of the train split
             run_values.update(split=run_config.get("train_split", "train"), holdout=run_config["eval_holdout"])
@@ -147,6 +155,8 @@ def resolve(config: EvalConfig, run: RunDir | None = None, name: str | None = No
             values[key] = trl_default(FROM_TRL[key])
         elif key in DEFAULTS:
             values[key] = DEFAULTS[key]
+    if values.get("split") is None and values.get("data") and not Path(values["data"]).is_file():
+        values["split"] = "test"  # a directory or a Hub dataset: its test split; a single file is used whole
     settings = dataclasses.replace(config, **values)
     return check_settings(settings)
 
@@ -245,12 +255,15 @@ def locate_models(settings: EvalConfig) -> tuple[str, str, object]:
 
 def load_eval_pairs(settings: EvalConfig):
     """The validated pairs and the dataset to score (the held-out part, the first `limit`)."""
-    from dpolab.data import load_pairs, split_holdout
+    from dpolab.data import describe_drops, load_pairs, split_holdout
 
     pairs = load_pairs(
         settings.data, settings.split, dataset_config=settings.dataset_config, prompt_column=settings.prompt_column,
         chosen_column=settings.chosen_column, rejected_column=settings.rejected_column,
+        drop_invalid_rows=settings.drop_invalid_rows,
     )  # fmt: skip
+    for line in describe_drops(pairs):
+        print(line)
     if settings.holdout:  # the run evaluated on a held-out fraction of its training split: the same pairs
         pairs = split_holdout(pairs, settings.holdout, settings.seed)[1]
     dataset = pairs.dataset

@@ -40,7 +40,8 @@ def run(config: TrainConfig) -> dict:
     train_pairs, eval_pairs = load_train_eval(config)
     check_template(train_pairs, tokenizer, config.model.model_name_or_path)
     print(describe_data(train_pairs, eval_pairs), flush=True)
-    fitted = fit_to_memory(config, model_path, tokenizer, train_pairs)
+    lengths = check_tokens(config, tokenizer, train_pairs)
+    fitted = fit_to_memory(config, model_path, lengths)
     if process.is_main_process:
         record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
         start_run_directory(run_dir, config, record, resume_from)
@@ -88,6 +89,7 @@ def load_train_eval(config: TrainConfig):
         prompt_column=script.prompt_column,
         chosen_column=script.chosen_column,
         rejected_column=script.rejected_column,
+        drop_invalid_rows=script.drop_invalid_rows,
     )
     train_pairs = load_pairs(script.dataset_name, script.train_split, **columns)
     if script.eval_split:
@@ -118,10 +120,13 @@ def check_template(pairs, tokenizer, model_name: str) -> None:
 
 
 def describe_data(train_pairs, eval_pairs) -> str:
+    from dpolab.data import describe_drops
+
     lines = [f"Data: {train_pairs.format}", f"  train: {len(train_pairs.dataset)} pairs from {train_pairs.source}"]
     if eval_pairs is not None:
         lines.append(f"  eval:  {len(eval_pairs.dataset)} pairs from {eval_pairs.source}")
     for pairs in (train_pairs, eval_pairs):
+        lines += [f"  {line}" for line in describe_drops(pairs)] if pairs is not None else []
         if pairs is not None and pairs.identical_rows:
             shown = ", ".join(map(str, pairs.identical_rows[:5])) + (", ..." if len(pairs.identical_rows) > 5 else "")
             lines.append(
@@ -131,13 +136,24 @@ def describe_data(train_pairs, eval_pairs) -> str:
     return "\n".join(lines)
 
 
-def fit_to_memory(config: TrainConfig, model_path: str, tokenizer, train_pairs) -> dict | None:
+def check_tokens(config: TrainConfig, tokenizer, train_pairs):
+    """Token counts of a sample of 2,000 pairs, before any model loads: answers that tokenize to nothing stop
+    the run (`data.check_tokenization`); many answers truncated to nothing are warned."""
+    from dpolab.data import check_tokenization, token_lengths
+
+    stats = token_lengths(train_pairs, tokenizer, progress=False, sample=2000)
+    name = config.model.model_name_or_path
+    for warning in check_tokenization(stats, name, train_pairs.source, config.training.max_length):
+        print(warning, file=sys.stderr, flush=True)
+    return stats
+
+
+def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), for the tokens
     this data puts in a micro-batch, keeping the global batch. Sets them in the config and says what it chose."""
     import torch
 
     from dpolab import plan
-    from dpolab.data import pair_token_ids
 
     training, script = config.training, config.script
     if not script.fit_to_memory or not torch.cuda.is_available():
@@ -147,15 +163,10 @@ def fit_to_memory(config: TrainConfig, model_path: str, tokenizer, train_pairs) 
         return None
     free, total = torch.cuda.mem_get_info()
     budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
-    sample = train_pairs.dataset.shuffle(seed=0).select(range(min(2000, len(train_pairs.dataset))))
-    lengths = []
-    for pair in sample:
-        ids = pair_token_ids(pair, tokenizer)
-        room = training.max_length - len(ids["prompt_ids"]) if training.max_length else None
-        lengths.append((len(ids["prompt_ids"]), len(ids["chosen_ids"][:room]), len(ids["rejected_ids"][:room])))
+    scored = lengths.scored(training.max_length)
     packed = script.fast_path and training.truncation_mode == "keep_start"
     model = plan.model_shape(model_path)
-    chosen = plan.fit(model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(lengths, b, packed))
+    chosen = plan.fit(model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(scored, b, packed))
     if chosen is None:
         raise DpolabError(
             f"No micro-batch fits {budget / plan.GIB:.1f} GiB even with activation checkpointing (`dpolab plan` "
@@ -186,6 +197,9 @@ def provenance(config: TrainConfig, model_path: str, train_pairs, eval_pairs) ->
         "model_path": model_path,
         "data": {"train": train_pairs.source, "eval": eval_pairs.source if eval_pairs else None},
         "data_format": train_pairs.format,
+        "data_quality": {
+            name: pairs.drop_report() for name, pairs in (("train", train_pairs), ("eval", eval_pairs)) if pairs
+        },
         "versions": installed_versions(),
         "git_commit": git_commit(),
     }
