@@ -29,6 +29,8 @@ COMMANDS = {
     "lengthbias": ("dpolab.lengthbias", "LengthBiasConfig", "margins against length differences, from an eval.jsonl"),
     "generate": ("dpolab.generate", "GenerateConfig",
                  "the same prompts through several models, side by side (HTML + length statistics)"),
+    "judge": ("dpolab.judge", "JudgeConfig",
+              "reward-model win rates of a run's models against its base, length-controlled: judge.json"),
     "report": ("dpolab.report", "ReportConfig", "curves (PNG), diagnostics and a self-contained report.html"),
     "compare": ("dpolab.compare", "CompareConfig", "runs side by side: settings that differ, metrics, curves overlaid"),
     "doctor": ("dpolab.doctor", "DoctorConfig",

@@ -46,8 +46,9 @@ def run(config: CompareConfig) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     images = plot_curves(runs, output)
     sweep_image = plot_sweeps(runs, output)
+    judge_image = plot_judges(runs, output)
     path = output / COMPARE_HTML
-    write_atomic(path, render(runs, images, sweep_image))
+    write_atomic(path, render(runs, images, sweep_image, judge_image))
     differing = differing_settings(runs)
     print(f"compared {len(runs)} runs; settings that differ: {', '.join(differing) or 'none'}; page: {path}")
     return path
@@ -184,10 +185,22 @@ def plot_sweeps(runs: dict[str, RunFiles], output: Path) -> Path | None:
     return path
 
 
+def plot_judges(runs: dict[str, RunFiles], output: Path) -> Path | None:
+    from dpolab.render import plot_judge
+
+    judged = {label: files.judge for label, files in runs.items() if files.judge}
+    if not judged:
+        return None
+    path = output / "judge.png"
+    plot_judge(judged, path)
+    return path
+
+
 # --- HTML ---------------------------------------------------------------------------------------------------------
 
 
-def render(runs: dict[str, RunFiles], images: list[tuple[str, Path]], sweep_image: Path | None) -> str:
+def render(runs: dict[str, RunFiles], images: list[tuple[str, Path]], sweep_image: Path | None,
+           judge_image: Path | None = None) -> str:  # fmt: skip
     from dpolab.diagnostics import diagnose_run
     from dpolab.render import findings_html, generation_stats_table, image_tag, page, side_by_side, table
 
@@ -250,9 +263,14 @@ def render(runs: dict[str, RunFiles], images: list[tuple[str, Path]], sweep_imag
     else:
         sections.append(f"<p class='muted'>{NOT_RUN}: the runs share no generated prompts (`dpolab generate`).</p>")
 
+    sections.append("<h2>Judged answers</h2>")
     judged = {label: files.judge for label, files in runs.items() if files.judge}
     if judged:
         from dpolab.render import judge_html
 
-        sections.append("<h2>Judged answers</h2>" + judge_html(judged))
+        sections.append(image_tag(judge_image, "win rates against base", "wide") if judge_image else "")
+        sections.append(judge_html(judged))
+    missing = [label for label in runs if label not in judged]
+    if missing:
+        sections.append(f"<p class='muted'>{NOT_RUN} for: {html.escape(', '.join(missing))} (`dpolab judge RUN`).</p>")
     return page(f"dpolab compare: {', '.join(labels)}", sections)

@@ -295,3 +295,29 @@ def judge_html(judges: dict[str, dict]) -> str:
                         )  # fmt: skip
                     )
     return "".join(parts)
+
+
+def plot_judge(judges: dict[str, dict], path: Path) -> None:
+    """Win rate (solid) and length-controlled win rate (dashed) against base, per checkpoint step, per run."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.2), constrained_layout=True)
+    for index, (label, judge) in enumerate(judges.items()):
+        colour = RUN_COLOURS[index % len(RUN_COLOURS)]
+        points = sorted(
+            (m["step"], m["win_rate"], m["lc_win_rate"]) for m in judge["models"].values() if "win_rate" in m
+        )
+        if not points:
+            continue
+        steps, rates, controlled = zip(*points)
+        name = f"{label}: " if label else ""
+        axis.plot(steps, rates, "o-", color=colour, label=f"{name}win rate")
+        axis.plot(steps, controlled, "s--", color=colour, label=f"{name}length-controlled")
+    axis.axhline(0.5, color="#999", linewidth=1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("win rate against base")
+    axis.set_title("Judged answers (reward model)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

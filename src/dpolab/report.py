@@ -68,7 +68,7 @@ def render(files: RunFiles, images: list[tuple[str, Path]], findings: list[dict]
         sweep_section(files),
         length_bias_section(files.final_eval),
         generations_section(files),
-        judge_section(files.judge),
+        judge_section(files),
         config_section(files.config),
     ]
     return page(f"dpolab report: {files.run.name}", [section for section in sections if section])
@@ -177,13 +177,15 @@ def generations_section(files: RunFiles) -> str:
     return "<h2>Generations</h2>" + generation_stats_table(stats) + side_by_side(files.generations)
 
 
-def judge_section(judge: dict | None) -> str:
-    """Filled in by `dpolab judge` (judge.json): win rates against the base model."""
-    if not judge:
+def judge_section(files: RunFiles) -> str:
+    """`dpolab judge`'s win rates against the base model (judge.json), as a curve over checkpoints and a table."""
+    if not files.judge:
         return ""
-    from dpolab.render import judge_html
+    from dpolab.render import image_tag, judge_html, plot_judge
 
-    return "<h2>Judged answers</h2>" + judge_html({"": judge})
+    path = files.run.plots_dir / "judge.png"
+    plot_judge({"": files.judge}, path)
+    return "<h2>Judged answers</h2>" + image_tag(path, "win rates against base", "wide") + judge_html({"": files.judge})
 
 
 def config_section(config: dict) -> str:
