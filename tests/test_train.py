@@ -182,10 +182,12 @@ def test_smoke_preset_without_the_hub_stops_with_the_model_error(tmp_path):
 
 
 def test_help_for_every_command():
-    for args in (["--help"], ["train", "--help"], ["data", "check", "--help"], ["demo", "--help"]):
+    from dpolab.cli import COMMANDS
+
+    for args in (["--help"], *([*name.split(), "--help"] for name in COMMANDS)):
         result = run_cli(*args)
         assert result.returncode == 0, (args, result.stderr)
-        assert "usage" in result.stdout.lower()
+        assert "usage" in result.stdout.lower(), args
     assert "--beta" in run_cli("train", "--help").stdout
     result = run_cli("trian")
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
@@ -196,3 +198,12 @@ def test_every_pair_longer_than_max_length_is_an_error_not_a_crash(tmp_path, tin
     assert main(["train", "--config", str(tiny_config(data, max_length=16))]) == 2
     message = capsys.readouterr().err
     assert "All 8 train pairs were dropped" in message and "max_length=16" in message
+
+
+def test_readme_links_the_chinese_guide_in_its_first_lines():
+    root = Path(__file__).resolve().parents[1]
+    assert "README.zh-CN.md" in "".join(root.joinpath("README.md").read_text().splitlines(keepends=True)[:8])
+    guide = root.joinpath("README.zh-CN.md").read_text()
+    for needed in ("HF_ENDPOINT", "HF_HOME", "unset http_proxy https_proxy", "--preset smoke", "--preset full",
+                   "dpolab doctor", "TRANSFORMERS_CACHE"):  # fmt: skip
+        assert needed in guide, needed

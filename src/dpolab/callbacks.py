@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
-from dpolab.rundir import append_jsonl
+from dpolab.rundir import FORWARD_METRIC_PREFIXES, append_jsonl
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -26,10 +26,6 @@ class MetricsFileCallback(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
-# TRL's own per-step metrics (computed in the forward; a NaN there is a NaN of the model, whatever the loss shows).
-DPO_METRIC_PREFIXES = ("rewards/", "logps/", "logits/", "entropy", "mean_token_accuracy")
-
-
 def non_finite_value(logs: dict, routine_overflow: bool = False) -> tuple[str, float] | None:
     """The first non-finite value the trainer logged, or None.
 
@@ -38,7 +34,7 @@ def non_finite_value(logs: dict, routine_overflow: bool = False) -> tuple[str, f
     grad_norm is routine when fp16's loss scaler skipped the step (`routine_overflow`): the scaler lowers its
     scale and the weights are untouched.
     """
-    metric_keys = [key for key in logs if key.removeprefix("eval_").startswith(DPO_METRIC_PREFIXES)]
+    metric_keys = [key for key in logs if key.removeprefix("eval_").startswith(FORWARD_METRIC_PREFIXES)]
     keys = [*metric_keys, "loss", "eval_loss"] + ([] if routine_overflow else ["grad_norm"])
     for key in keys:
         value = logs.get(key)

@@ -12,6 +12,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from dpolab.rundir import FORWARD_METRIC_PREFIXES
+
 
 @dataclass
 class Finding:
@@ -49,8 +51,6 @@ def _after_warmup(points):
     return points[int(0.2 * len(points)) :] or points[-1:]
 
 
-# TRL's per-step DPO metrics: computed in the forward, so a NaN there is the model's, whatever the loss shows.
-DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 RECENT = 10  # a spike is judged against the median of this many preceding points
 MIN_HISTORY = 5
 NO_LEARNING_NATS = 0.01  # mean |log-ratio| per answer below this after warm-up: the policy is the reference
@@ -61,7 +61,8 @@ BARELY_MOVED_SHARE = 0.5  # fewer sampled weights than this changed: most update
 
 def divergence(series) -> list[Finding]:
     findings = []
-    for key in (*DPO_METRICS, *(f"eval_{k}" for k in DPO_METRICS), "loss", "grad_norm", "eval_loss"):
+    forward = sorted(key for key in series if key.removeprefix("eval_").startswith(FORWARD_METRIC_PREFIXES))
+    for key in (*forward, "loss", "grad_norm", "eval_loss"):
         bad = [(step, value) for step, value in series.get(key, []) if not math.isfinite(value)]
         if bad:
             step, value = bad[0]

@@ -48,6 +48,8 @@ DEMO_SUMMARY = "demo.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 # The curves people watch, in TRL's own metric names (metrics.jsonl keys; summary.json's final values).
 KEY_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+# TRL's per-step metrics computed in the forward pass (a NaN there is the model's, whatever the logged loss shows).
+FORWARD_METRIC_PREFIXES = ("rewards/", "logps/", "logits/", "entropy", "mean_token_accuracy")
 # config.yaml carries versions etc. under this key; loading it back as a config skips the key.
 PROVENANCE_KEY = "dpolab_provenance"
 

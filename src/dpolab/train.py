@@ -401,8 +401,9 @@ def save_final(trainer, run_dir: RunDir, tokenizer, config: TrainConfig, process
 
 
 def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, train_pairs, eval_pairs) -> dict:
+    records = run_dir.read_metrics()
     summary = summarize(
-        run_dir.read_metrics(),
+        records,
         steps=trainer.state.global_step,
         epochs=trainer.state.epoch,
         runtime_s=runtime_s,
@@ -418,7 +419,7 @@ def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, trai
     )
     from dpolab.diagnostics import diagnose_run
 
-    findings = diagnose_run(run_dir.read_metrics(), run_dir.read_config(), summary)
+    findings = diagnose_run(records, run_dir.read_config(), summary)
     summary["diagnostics"] = [finding.as_dict() for finding in findings]
     write_json(run_dir.summary_file, summary)
     return summary
@@ -426,13 +427,14 @@ def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, trai
 
 def answer_tokens(dataset, max_length: int | None) -> dict:
     """Mean scored tokens per chosen and rejected answer after truncation (for per-token diagnostics)."""
+    from dpolab.packing import truncated_answers
+
     totals, count = {"chosen": 0, "rejected": 0}, 0
-    for batch in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024):
-        for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]):
-            room = max_length - len(prompt) if max_length is not None else None
-            totals["chosen"] += len(chosen[:room])
-            totals["rejected"] += len(rejected[:room])
-            count += 1
+    for example in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
+        chosen, rejected = truncated_answers(example, max_length)
+        totals["chosen"] += len(chosen)
+        totals["rejected"] += len(rejected)
+        count += 1
     return {side: total / count for side, total in totals.items()} if count else {}
 
 
