@@ -192,7 +192,8 @@ def losses(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False}],
+@pytest.mark.parametrize("overrides", [{"precompute_ref_log_probs": True},
+                                       {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False}],
                          ids=["precomputed-reference", "sft-reference-each-step"])  # fmt: skip
 def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, overrides, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
@@ -241,3 +242,20 @@ def test_the_reference_pre_pass_is_trls_and_is_cached(tmp_path, tiny_model_dir, 
     capsys.readouterr()
     build(packing.reference_trainer_class(), reference_path=str(tiny_model_dir), precision=precision)
     assert "Reference log-probs from cache" in capsys.readouterr().out
+
+
+def test_the_reference_pre_pass_runs_only_when_the_run_sees_its_data(tmp_path, tiny_config, capsys):
+    from dpolab.config import parse_train_args
+    from dpolab.train import choose_reference_pass
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 24))
+    short = parse_train_args(["--config", str(tiny_config(data, max_steps=2))])  # 8 of 24 pairs
+    choose_reference_pass(short, 24)
+    assert short.training.precompute_ref_log_probs is False
+    assert "computed in each step (this run sees 8 of 24 pairs" in capsys.readouterr().out
+    whole = parse_train_args(["--config", str(tiny_config(data, max_steps=6))])  # 24 of 24
+    choose_reference_pass(whole, 24)
+    assert whole.training.precompute_ref_log_probs is True
+    asked = parse_train_args(["--config", str(tiny_config(data, max_steps=2)), "--precompute_ref_log_probs", "true"])
+    choose_reference_pass(asked, 24)
+    assert asked.training.precompute_ref_log_probs is True  # set explicitly: kept

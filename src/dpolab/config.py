@@ -51,7 +51,8 @@ RENAMED_KEYS = {
 }
 
 # dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked, and
-# reference log-probs are computed once, before training (and cached), not in every step.
+# reference log-probs are computed once, before training (and cached), not in every step, unless the run sees only a
+# part of its data (train.choose_reference_pass decides when the field is not given).
 DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True}
 
 
@@ -129,6 +130,7 @@ class TrainConfig:
     source: str  # the preset or YAML file the values came from, or "defaults"
     name_stem: str = "dpo"  # what an unnamed run's name starts with: the preset's or YAML file's stem
     named: bool = False  # whether run_name was given (in YAML or on the command line)
+    given: frozenset = frozenset()  # the fields set in the YAML file or on the command line
 
     @property
     def run_dir(self) -> Path:
@@ -366,7 +368,9 @@ def parse_train_args(argv: list[str], require_data: bool = True) -> TrainConfig:
     problems = validate(script, training, model, require_data)
     if problems:
         raise DpolabError("Invalid configuration:\n  - " + "\n  - ".join(problems))
-    return TrainConfig(script=script, training=training, model=model, source=origin, name_stem=name_stem, named=named)
+    given = frozenset(yaml_values) | {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    return TrainConfig(script=script, training=training, model=model, source=origin, name_stem=name_stem, named=named,
+                       given=given)  # fmt: skip
 
 
 def _optional_script_fields() -> list[str]:

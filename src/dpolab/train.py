@@ -41,6 +41,7 @@ def run(config: TrainConfig) -> dict:
     check_template(train_pairs, tokenizer, config.model.model_name_or_path)
     print(describe_data(train_pairs, eval_pairs), flush=True)
     lengths = check_tokens(config, tokenizer, train_pairs)
+    choose_reference_pass(config, len(train_pairs.dataset))
     fitted = fit_to_memory(config, model_path, lengths)
     if process.is_main_process:
         record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
@@ -146,6 +147,21 @@ def check_tokens(config: TrainConfig, tokenizer, train_pairs):
     for warning in check_tokenization(stats, name, train_pairs.source, config.training.max_length):
         print(warning, file=sys.stderr, flush=True)
     return stats
+
+
+def choose_reference_pass(config: TrainConfig, train_pairs: int) -> None:
+    """Reference log-probs once, before training, when the run sees every pair at least once; a run that sees
+    only part of its data (60 smoke steps of 62,135 pairs) computes them in each step instead, as TRL does by
+    default. Only when `precompute_ref_log_probs` was not set explicitly."""
+    training = config.training
+    if "precompute_ref_log_probs" in config.given or training.max_steps <= 0:
+        return
+    seen = training.max_steps * training.per_device_train_batch_size * training.gradient_accumulation_steps
+    seen *= max(training.world_size, 1)
+    if seen < train_pairs:
+        training.precompute_ref_log_probs = False
+        print(f"Reference log-probs: computed in each step (this run sees {seen:,} of {train_pairs:,} pairs; a "
+              "pre-pass would score all of them).", flush=True)  # fmt: skip
 
 
 def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
