@@ -167,12 +167,12 @@ def check_settings(settings: EvalConfig) -> EvalConfig:
 
     if settings.ref is None:
         settings.ref = adapter_base(settings.model)
-    problems = [f"give --{name}" for name in ("data", "ref") if getattr(settings, name) is None]
-    if problems:
+    missing = [f"--{name}" for name in ("data", "ref") if getattr(settings, name) is None]
+    if missing:
         raise DpolabError(
-            f"Give {' and '.join('--' + n for n in ('data', 'ref') if getattr(settings, n) is None)} (or a --model "
-            f"inside a dpolab run directory, whose config.yaml says)."
+            f"Give {' and '.join(missing)} (or a --model inside a dpolab run directory, whose config.yaml says)."
         )
+    problems = []
     if settings.batch_size is not None and settings.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {settings.batch_size}.")
     if settings.limit is not None and settings.limit < 1:
@@ -311,11 +311,11 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     from tqdm.auto import tqdm
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from dpolab import packing
+    from dpolab import models, packing
     from dpolab.logps import length_weighted_logps
     from dpolab.models import score_completion_tokens_only
 
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = models.pad_token_id(tokenizer)
     if settings.fast_path and packing.unsupported_reason(model.config, settings.truncation_mode) is None:
         packing.install(model)
         collator = packing.PackedCollator(pad_token_id=pad_token_id, max_length=settings.max_length)

@@ -150,9 +150,10 @@ def check_reward_model(name: str, trust_remote_code: bool) -> str:
 def collect_answers(run_dir: RunDir, models, config: JudgeConfig) -> list[dict]:
     """One record per (model, prompt, sample): read from generations.jsonl when it holds them with the same
     prompts and decoding, generated otherwise."""
-    from dpolab.generate import GenerateConfig, generate_all, load_prompts
+    from dpolab.generate import GenerateConfig, decoding_record, generate_all, load_prompts
 
     prompts = load_prompts(config.prompts)
+    decoding, written = written_generations(run_dir)
     answers = []
     for sample in range(config.samples):
         generation = GenerateConfig(
@@ -160,7 +161,9 @@ def collect_answers(run_dir: RunDir, models, config: JudgeConfig) -> list[dict]:
             do_sample=config.do_sample, temperature=config.temperature, seed=config.seed + sample,
         )  # fmt: skip
         for label, step, path in models:
-            rows = existing_generations(run_dir, path, prompts, generation)
+            rows = written.get(location(path)) if decoding == decoding_record(generation) else None
+            if rows is not None and [row["prompt"] for row in rows] != prompts:
+                rows = None  # written for other prompts
             if rows is None:
                 if not config.generate:
                     raise DpolabError(
@@ -176,23 +179,23 @@ def collect_answers(run_dir: RunDir, models, config: JudgeConfig) -> list[dict]:
     return answers
 
 
-def existing_generations(run_dir: RunDir, path: str, prompts, generation) -> list[dict] | None:
-    """This model's rows from the run's generations.jsonl, if it answered exactly these prompts this way."""
-    from dpolab.generate import decoding_record
+def written_generations(run_dir: RunDir) -> tuple[dict | None, dict[str, list[dict]]]:
+    """The decoding of the run's generations.jsonl and its rows by model location (read once)."""
     from dpolab.rundir import locate_model
 
     stats = read_json(run_dir.file(GENERATION_STATS)) or {}
-    if stats.get("decoding") != decoding_record(generation):
-        return None
-    rows = []
+    locations, by_model = {}, {}
     for row in read_jsonl(run_dir.file(GENERATIONS)):
         label = row["model"]
-        located = run_dir.base_model() if label == BASELINE else locate_model(label)[0]
-        if Path(str(located)).resolve() == Path(path).resolve() or located == path:
-            rows.append(row)
-    if [row["prompt"] for row in rows] != prompts:
-        return None
-    return rows
+        if label not in locations:
+            locations[label] = location(run_dir.base_model() if label == BASELINE else locate_model(label)[0])
+        by_model.setdefault(locations[label], []).append(row)
+    return stats.get("decoding"), by_model
+
+
+def location(path: str) -> str:
+    """A model's path as one string whatever way it was written (a Hub id stays itself)."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 # --- rewards ------------------------------------------------------------------------------------------------------

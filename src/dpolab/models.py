@@ -137,6 +137,11 @@ def adapter_base(model: str) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id TRL pads batches with: the tokenizer's pad token, else its EOS token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def torch_dtype(name: str | None):
     """A `dtype` field's value (float32, bfloat16, float16, auto or None) as what `from_pretrained` takes."""
     import torch

@@ -134,7 +134,7 @@ def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tenso
 # --- the model ----------------------------------------------------------------------------------------------------
 
 
-def unsupported_reason(model_config, truncation_mode: str, padding_free: bool = False) -> str | None:
+def unsupported_reason(model_config, truncation_mode: str) -> str | None:
     """Why the fast path cannot run for this model and these settings, or None when it can."""
     implementation = getattr(model_config, "_attn_implementation", None) or "sdpa"
     if implementation not in SUPPORTED_ATTENTION:

@@ -218,7 +218,7 @@ class PlanConfig:
         )
 
 
-def run_shape(train, tokens: int | None = None) -> RunShape:
+def run_shape(train) -> RunShape:
     """The memory-relevant settings of a resolved train config."""
     training, model = train.training, train.model
     return RunShape(
@@ -226,7 +226,6 @@ def run_shape(train, tokens: int | None = None) -> RunShape:
         accumulation=training.gradient_accumulation_steps, checkpointing=bool(training.activation_checkpointing),
         weight_bytes=DTYPE_BYTES[model.dtype or "float32"], peft=bool(model.use_peft), lora_r=model.lora_r,
         precompute_ref=bool(training.precompute_ref_log_probs), autocast=bool(training.bf16 or training.fp16),
-        tokens=tokens,
     )  # fmt: skip
 
 

@@ -6,7 +6,6 @@ checkpoint-N/, final/ and summary.json. An existing run is never overwritten.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -21,7 +20,6 @@ from dpolab.rundir import KEY_METRICS, RunDir, find_resume_checkpoint, write_ato
 
 # For "best" in summary.json: whether a higher value is better.
 HIGHER_IS_BETTER = {"loss": False, "rewards/accuracies": True, "rewards/margins": True}
-Config = TrainConfig  # the CLI parses `dpolab train` arguments into this
 
 
 def run(config: TrainConfig) -> dict:
@@ -177,7 +175,7 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     if training.deepspeed or training.fsdp:
         print("fit_to_memory: skipped (DeepSpeed/FSDP shard the weights and states).")
         return None
-    free, total = torch.cuda.mem_get_info()
+    free, _ = torch.cuda.mem_get_info()
     budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
     scored = lengths.scored(training.max_length)
     packed = script.fast_path and training.truncation_mode == "keep_start"
@@ -247,7 +245,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     from transformers import ProgressCallback
     from trl import DPOTrainer, get_peft_config
 
-    from dpolab import packing
+    from dpolab import models, packing
     from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback, WeightMovementCallback
     from dpolab.models import score_completion_tokens_only
 
@@ -256,7 +254,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(RunDir(config.run_dir).tensorboard_dir)
     model = load_policy(config, model_path)
     warn_lost_updates(model, config)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = models.pad_token_id(tokenizer)
     collator = None
     if config.script.fast_path:
         reason = packing.unsupported_reason(model.config, training.truncation_mode)
@@ -510,6 +508,8 @@ def evaluated_at(log_history: list[dict], step: int) -> bool:
 
 def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: float, train_metrics: dict) -> dict:
     """summary.json from the metric records: last and best values of the key curves, train and eval."""
+    from dpolab.logps import is_finite
+
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     final = {key: train[-1][key] for key in KEY_METRICS if train and key in train[-1]}
@@ -518,7 +518,7 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
     best = {}
     for prefix, series in (("", train), ("eval_", evals)):
         for key, higher in HIGHER_IS_BETTER.items():
-            values = [(r[prefix + key], r["step"]) for r in series if _finite(r.get(prefix + key))]
+            values = [(r[prefix + key], r["step"]) for r in series if is_finite(r.get(prefix + key))]
             if values:
                 value, step = (max if higher else min)(values, key=lambda pair: pair[0])
                 best[prefix + key] = {"value": value, "step": step}
@@ -535,10 +535,6 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
         if moved
         else None,
     }
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def format_summary(summary: dict) -> str:
