@@ -46,7 +46,16 @@ CHATML = (
 # Letters only: Qwen2's tokenizer splits digits one by one, whatever tokenizer.json says.
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
-OPTIONAL_ROWS = ("trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")
+OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "trl-bf16-precompute", "dpolab-fast-liger",
+                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
+    "dpolab-fast": {},
+    "dpolab-fast-compile": {"torch_compile": True},  # decoder layers compiled in place (packing.compile_layers)
+    "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
+    "dpolab-fast-liger": {"use_liger_kernel": True},
+    "dpolab-fast-sdpa": {"attn_implementation": "sdpa"},
+    "dpolab-fast-bf16-kahan": {"dtype": "bfloat16"},
+}
 
 
 # --- the world: tokenizer, model, data ----------------------------------------------------------------------------
@@ -132,7 +141,7 @@ def token_layout(world: dict, max_length: int) -> list[tuple[int, int, int]]:
 
 
 class StepClock:
-    """Wall time at the end of every optimizer step (after the GPU finished it)."""
+    """Wall time at the end of every optimizer step (after the GPU finished it): times[i] ends step i+1."""
 
     def __init__(self, device: str):
         from transformers import TrainerCallback
@@ -149,10 +158,58 @@ class StepClock:
 
         self.times, self.callback = [], Callback()
 
-    def pairs_per_s(self, batch: int, first: int = 8) -> float:
-        """Pairs per second over steps first+1..N."""
+    def pairs_per_s(self, batch: int, first: int = 8, left_out: range = range(0)) -> float:
+        """Pairs per second over steps first+1..N, leaving out the steps in `left_out` (profiled ones)."""
         first = min(first, len(self.times) - 2)
-        return (len(self.times) - 1 - first) * batch / (self.times[-1] - self.times[first])
+        steps = [step for step in range(first + 1, len(self.times)) if step + 1 not in left_out]  # times[i]: step i+1
+        return len(steps) * batch / sum(self.times[step] - self.times[step - 1] for step in steps)
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps 13-16 (compiled and warm by then): where a step's time goes, host
+    (Python, kernel launches) against device, written as two tables (by device time, by host time)."""
+
+    FIRST, STEPS = 13, 4
+
+    @classmethod
+    def steps(cls) -> range:
+        return range(cls.FIRST, cls.FIRST + cls.STEPS)
+
+    def __init__(self, path: Path, device: str):
+        import torch
+        from transformers import TrainerCallback
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
+        first, steps, started = self.FIRST, self.STEPS, []
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == first:
+                    profiler.start()
+                    started.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == first + steps - 1 and started:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    wall = (time.perf_counter() - started[0]) / steps
+                    profiler.stop()
+                    averages = profiler.key_averages()
+                    device_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+                    device_us = sum(getattr(event, "self_device_time_total", 0) for event in averages) / steps
+                    kernels = sum(event.count for event in averages if getattr(event, "self_device_time_total", 0))
+                    text = (f"steps {first}-{first + steps - 1}: {wall * 1e3:.1f} ms wall per step, "
+                            f"{device_us / 1e3:.1f} ms of device time per step, ~{kernels // steps} device "
+                            f"operations per step\n\nBy device time:\n"
+                            + averages.table(sort_by=device_key, row_limit=30)
+                            + "\n\nBy host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30))  # fmt: skip
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(text)
+
+        self.callback = Callback()
 
 
 def snapshot(model):
@@ -222,14 +279,7 @@ def run_row(args) -> dict:
     if args.row.startswith("trl-"):  # plain TRL: its DPOTrainer, its collator, its defaults
         trainer = trl_trainer(world, args, tokenizer)
     else:  # dpolab's own trainer building, as `dpolab train` does it
-        fields = {"fast_path": True, "precompute_ref_log_probs": True}
-        if args.row == "dpolab-fast-liger":
-            fields.update(use_liger_kernel=True)
-        if args.row == "dpolab-fast-sdpa":
-            fields.update(attn_implementation="sdpa")
-        if args.row == "dpolab-fast-bf16-kahan":
-            fields.update(dtype="bfloat16")
-        config = train_config(world, args, **fields)
+        config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True, **ROW_FIELDS[args.row])
         train_pairs, _ = train.load_train_eval(config)
         trainer = train.build_trainer(config, world["model"], tokenizer, train_pairs, None)  # includes the pre-pass
     result["setup_s"] = time.perf_counter() - started
@@ -240,10 +290,12 @@ def run_row(args) -> dict:
                                                                 weight_decay=0.0, kahan_sum=True))  # fmt: skip
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
+    if args.profile:
+        trainer.add_callback(StepProfiler(Path(args.out) / f"profile-{args.row}.txt", args.device).callback)
     initial = snapshot(trainer.model)
     trainer.train()
     result.update(
-        pairs_per_s=clock.pairs_per_s(8),
+        pairs_per_s=clock.pairs_per_s(8, left_out=StepProfiler.steps() if args.profile else range(0)),
         weights_changed=changed_share(trainer.model, initial),
         losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
         num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
@@ -352,6 +404,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="working directory (model, data, runs)")
     parser.add_argument("--rows", default=",".join(REQUIRED_ROWS + OPTIONAL_ROWS))
     parser.add_argument("--budget_s", type=float, default=330, help="skip optional rows past this many seconds")
+    parser.add_argument("--profile", action="store_true", help="write profile-ROW.txt (steps 13-16) for each row")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     args.work = args.work or str(Path(args.out) / "work")
@@ -380,7 +433,7 @@ def main() -> None:
             continue
         row_started = time.time()
         command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--work",
-                   str(work), "--out", args.out, "--row", name]  # fmt: skip
+                   str(work), "--out", args.out, "--row", name] + ["--profile"] * args.profile  # fmt: skip
         subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
         path = work / f"{name}.json"
         rows.append(json.loads(path.read_text()) if path.is_file() else {"row": name, "error": "no result"})

@@ -259,3 +259,72 @@ def test_the_reference_pre_pass_runs_only_when_the_run_sees_its_data(tmp_path, t
     asked = parse_train_args(["--config", str(tiny_config(data, max_steps=2)), "--precompute_ref_log_probs", "true"])
     choose_reference_pass(asked, 24)
     assert asked.training.precompute_ref_log_probs is True  # set explicitly: kept
+
+
+def packed_inputs(seed: int, pairs: int = 4) -> dict:
+    rng = random.Random(seed)
+
+    def ids(low, high):
+        return [rng.randrange(3, 400) for _ in range(rng.randint(low, high))]
+
+    examples = [{"prompt_ids": ids(5, 30), "chosen_ids": ids(3, 40), "rejected_ids": ids(3, 40)} for _ in range(pairs)]
+    batch = packing.pack_batch(examples, 128, 0)
+    return {"input_ids": batch["input_ids"], **{key: batch[key] for key in packing.PACKED_KEYS}}
+
+
+def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir):
+    """Regional compilation with dynamic shapes: one graph for all layers, no new compile when rows change length
+    (aot_eager: dynamo's tracing and guards without a C++ compiler, so the values are eager's exactly)."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa") for _ in "ab")
+    for model in (eager, compiled):
+        packing.install(model)
+    assert packing.compile_layers(compiled, "aot_eager", None) == len(compiled.model.layers) == 2
+    assert packing.decoder_layers(compiled) is compiled.model.layers
+    torch._dynamo.reset()
+    graphs, lengths = [], set()
+    for seed in range(4):
+        inputs = packed_inputs(seed)
+        lengths.add(inputs["packed_input_ids"].shape[1])
+        hidden = compiled.model(**inputs, use_cache=False).last_hidden_state
+        hidden.sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        expected = eager.model(**inputs, use_cache=False).last_hidden_state
+        assert torch.allclose(hidden, expected, atol=1e-6, rtol=0)
+    assert len(lengths) > 1  # the rows did change length
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs  # compiled in the first batch only
+    assert all(p.grad is not None for p in compiled.model.layers[0].parameters())
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # in place: the weights keep their names
+
+
+@pytest.mark.parametrize("overrides", [{}, {"precompute_ref_log_probs": True, "activation_checkpointing": True}],
+                         ids=["reference-each-step", "pre-pass-checkpointing"])  # fmt: skip
+def test_torch_compile_on_the_fast_path_logs_the_eager_losses(tmp_path, tiny_config, overrides, capsys):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
+    config = str(tiny_config(data, max_steps=4, learning_rate=5e-3, train_sampling_strategy="sequential", **overrides))
+    from torch._dynamo.utils import counters
+
+    compile_flags = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager"]
+    torch._dynamo.reset()
+    assert main(["train", "--config", config, "--run_name", "compiled", *compile_flags]) == 0
+    assert "torch_compile: 2 decoder layers compiled in place (aot_eager, mode default" in capsys.readouterr().out
+    compiled_frames = counters["frames"]["ok"]
+    assert compiled_frames > 0  # dynamo did compile
+    assert main(["train", "--config", config, "--run_name", "eager"]) == 0
+    assert counters["frames"]["ok"] == compiled_frames  # and the eager run compiled nothing
+    compiled, eager = losses(tmp_path / "runs" / "compiled"), losses(tmp_path / "runs" / "eager")
+    assert len(compiled) == len(eager) == 4
+    for a, b in zip(compiled, eager, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert compiled[-1]["rewards/margins"] != compiled[0]["rewards/margins"]  # it learned
+    saved = (tmp_path / "runs" / "compiled" / "config.yaml").read_text()
+    assert "torch_compile: true" in saved and "torch_compile_backend: aot_eager" in saved  # the user's settings
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "compiled" / "final")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "eager" / "final")
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(final.state_dict()[name], value, atol=1e-5), name

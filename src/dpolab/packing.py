@@ -14,7 +14,8 @@ untouched. Reference log-probs come from a pre-pass (`PrecomputedReferenceDPOTra
 on-disk cache, the same cache `dpolab eval` and `sweep` read.
 
 Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped), SDPA (a dense boolean mask) or
-eager attention (a dense additive mask). Other attention implementations keep TRL's padded path.
+eager attention (a dense additive mask). Other attention implementations keep TRL's padded path. With TRL's
+`torch_compile`, the decoder layers are compiled in place (`compile_layers`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_PAIR = -1  # the pair id of the tokens that round the row's length up
 ROW_MULTIPLE = 64  # the packed row's length is rounded up to this: fewer distinct shapes, aligned matmuls
+# torch.compile modes that record CUDA graphs, one per row length: rows rounded to this, fewer lengths to record
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDA_GRAPH_ROW_MULTIPLE = 512
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
@@ -43,7 +47,9 @@ def truncated_answers(example: dict, max_length: int | None) -> tuple[list[int],
     return example["chosen_ids"][:room], example["rejected_ids"][:room]
 
 
-def pack_batch(examples: list[dict], max_length: int | None, pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack_batch(
+    examples: list[dict], max_length: int | None, pad_token_id: int, row_multiple: int = ROW_MULTIPLE
+) -> dict[str, torch.Tensor]:
     """TRL's padded tensors for a batch plus the packed row the fast path computes on.
 
     Returns input_ids, attention_mask, completion_mask: [2B, L] exactly as TRL's `DataCollatorForPreference`
@@ -74,7 +80,7 @@ def pack_batch(examples: list[dict], max_length: int | None, pad_token_id: int) 
             packed_index_rows[side].append(
                 list(range(start, start + len(prompt))) + list(range(answer_start, answer_start + len(answer)))
             )
-    length = -(-len(tokens) // ROW_MULTIPLE) * ROW_MULTIPLE
+    length = -(-len(tokens) // row_multiple) * row_multiple
     padding = length - len(tokens)
     rows = sequences[0] + sequences[1]
     width = max(len(row) for row in rows)
@@ -188,9 +194,40 @@ class PackedCollator:
 
     pad_token_id: int
     max_length: int | None
+    row_multiple: int = ROW_MULTIPLE
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_batch(examples, self.max_length, self.pad_token_id)
+        return pack_batch(examples, self.max_length, self.pad_token_id, self.row_multiple)
+
+
+# --- torch.compile of the decoder layers --------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's repeated blocks: its longest ModuleList whose modules are all of one class."""
+    candidates = [
+        modules for modules in model.modules()
+        if isinstance(modules, torch.nn.ModuleList) and len(modules) > 1 and len({type(m) for m in modules}) == 1
+    ]  # fmt: skip
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no repeated decoder layers to compile")
+    return max(candidates, key=len)
+
+
+def compile_layers(model, backend: str, mode: str | None) -> int:
+    """Compile each decoder layer in place (regional compilation), with dynamic shapes from the first call.
+
+    Why not TRL's `torch_compile` as it is: accelerate compiles the whole model when the trainer is prepared, after
+    the reference pre-pass, around dpolab's packed forward and TRL's LM head; and a first compile with static shapes
+    is compiled again when the next row has another length. Here every layer shares one graph (the layers run the
+    same code), the pre-pass and the training forward run compiled layers, a new row length costs nothing, and the
+    mask building, the gather into TRL's layout and TRL's head stay eager. The weights keep their names (in-place
+    `Module.compile`), so checkpoints and final/ load as before. Returns the number of layers compiled.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend, mode=mode, dynamic=True)
+    return len(layers)
 
 
 # --- reference log-probs once -------------------------------------------------------------------------------------

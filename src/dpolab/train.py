@@ -6,6 +6,7 @@ checkpoint-N/, final/ and summary.json. An existing run is never overwritten.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -255,18 +256,24 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     model = load_policy(config, model_path)
     warn_lost_updates(model, config)
     pad_token_id = models.pad_token_id(tokenizer)
-    collator = None
+    collator, trainer_args = None, training
     if config.script.fast_path:
         reason = packing.unsupported_reason(model.config, training.truncation_mode)
         if reason is None:
             packing.install(model)
-            collator = packing.PackedCollator(pad_token_id=pad_token_id, max_length=training.max_length)
+            graphed = training.torch_compile and training.torch_compile_mode in packing.CUDA_GRAPH_MODES
+            collator = packing.PackedCollator(
+                pad_token_id=pad_token_id, max_length=training.max_length,
+                row_multiple=packing.CUDA_GRAPH_ROW_MULTIPLE if graphed else packing.ROW_MULTIPLE,
+            )  # fmt: skip
             print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
+            if training.torch_compile:
+                trainer_args = compile_decoder_layers(model, training)
         else:
             print(f"Fast path off: {reason}.")
     arguments = dict(
         model=model,
-        args=training,
+        args=trainer_args,
         data_collator=collator,
         train_dataset=train_pairs.dataset,
         eval_dataset=eval_pairs.dataset if eval_pairs is not None else None,
@@ -286,7 +293,10 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     else:
         trainer = DPOTrainer(**arguments)
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
-            packing.install(trainer.accelerator.unwrap_model(trainer.ref_model))
+            reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+            packing.install(reference)
+            if training.torch_compile:
+                packing.compile_layers(reference, training.torch_compile_backend, training.torch_compile_mode)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
     for callback in list(trainer.callback_handler.callbacks):  # TensorBoard etc. log after the weight metrics
@@ -301,6 +311,19 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if pairs is not None:
             check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
+
+
+def compile_decoder_layers(model, training):
+    """TRL's `torch_compile` on the fast path: dpolab compiles the decoder layers in place (`packing.compile_layers`
+    says why) and returns the training arguments the trainer gets, without accelerate's whole-model compile."""
+    from dpolab import packing
+
+    layers = packing.compile_layers(model, training.torch_compile_backend, training.torch_compile_mode)
+    print(f"torch_compile: {layers} decoder layers compiled in place ({training.torch_compile_backend}, mode "
+          f"{training.torch_compile_mode or 'default'}, dynamic shapes); compiling takes the first steps")  # fmt: skip
+    trainer_args = copy.copy(training)
+    trainer_args.torch_compile, trainer_args.torch_compile_backend, trainer_args.torch_compile_mode = False, None, None
+    return trainer_args
 
 
 def warn_lost_updates(model, config: TrainConfig) -> None:
