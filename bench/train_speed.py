@@ -182,34 +182,42 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        profiler = torch.profiler.profile(activities=activities)
-        first, steps, started = self.FIRST, self.STEPS, []
+        self.path, self.device, self.started = path, device, None
+        self.profiler = torch.profiler.profile(activities=activities)
+        profiler = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step + 1 == first:
-                    profiler.start()
-                    started.append(time.perf_counter())
+                if state.global_step + 1 == profiler.FIRST:
+                    profiler.profiler.start()
+                    profiler.started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == first + steps - 1 and started:
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    wall = (time.perf_counter() - started[0]) / steps
-                    profiler.stop()
-                    averages = profiler.key_averages()
-                    device_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-                    device_us = sum(getattr(event, "self_device_time_total", 0) for event in averages) / steps
-                    kernels = sum(event.count for event in averages if getattr(event, "self_device_time_total", 0))
-                    text = (f"steps {first}-{first + steps - 1}: {wall * 1e3:.1f} ms wall per step, "
-                            f"{device_us / 1e3:.1f} ms of device time per step, ~{kernels // steps} device "
-                            f"operations per step\n\nBy device time:\n"
-                            + averages.table(sort_by=device_key, row_limit=30)
-                            + "\n\nBy host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30))  # fmt: skip
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(text)
+                if state.global_step == profiler.steps()[-1] and profiler.started is not None:
+                    profiler.write()
 
         self.callback = Callback()
+
+    def write(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - self.started) / self.STEPS * 1e3
+        self.profiler.stop()
+        averages = self.profiler.key_averages()
+        device_us = sum(getattr(event, "self_device_time_total", 0) for event in averages) / self.STEPS
+        operations = sum(event.count for event in averages if getattr(event, "self_device_time_total", 0))
+        by_device = averages.table(
+            sort_by="self_device_time_total" if self.device == "cuda" else "self_cpu_time_total", row_limit=30
+        )
+        by_host = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(
+            f"steps {self.FIRST}-{self.steps()[-1]}: {wall_ms:.1f} ms wall per step, {device_us / 1e3:.1f} ms of "
+            f"device time per step, ~{operations // self.STEPS} device operations per step\n\n"
+            f"By device time:\n{by_device}\n\nBy host time:\n{by_host}\n"
+        )
 
 
 def snapshot(model):
