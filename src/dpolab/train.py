@@ -295,7 +295,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
             reference = trainer.accelerator.unwrap_model(trainer.ref_model)
             packing.install(reference)
-            if training.torch_compile:
+            if trainer_args is not training:  # dpolab compiled the policy's layers: the reference's too
                 packing.compile_layers(reference, training.torch_compile_backend, training.torch_compile_mode)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
@@ -318,6 +318,9 @@ def compile_decoder_layers(model, training):
     says why) and returns the training arguments the trainer gets, without accelerate's whole-model compile."""
     from dpolab import packing
 
+    if training.distributed_state.distributed_type in ("DEEPSPEED", "FSDP"):  # accelerate compiles after sharding
+        print("torch_compile: left to accelerate (sharded weights are compiled after they are wrapped)")
+        return training
     layers = packing.compile_layers(model, training.torch_compile_backend, training.torch_compile_mode)
     print(f"torch_compile: {layers} decoder layers compiled in place ({training.torch_compile_backend}, mode "
           f"{training.torch_compile_mode or 'default'}, dynamic shapes); compiling takes the first steps")  # fmt: skip
