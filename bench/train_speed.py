@@ -301,8 +301,10 @@ def run_row(args) -> dict:
     if args.profile:
         trainer.add_callback(StepProfiler(Path(args.out) / f"profile-{args.row}.txt", args.device).callback)
     initial = snapshot(trainer.model)
+    training_started = time.perf_counter()
     trainer.train()
     result.update(
+        first_step_s=clock.times[0] - training_started,  # includes compiling the training graph, where compiled
         pairs_per_s=clock.pairs_per_s(8, left_out=StepProfiler.steps() if args.profile else range(0)),
         weights_changed=changed_share(trainer.model, initial),
         losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
