@@ -7,7 +7,7 @@ from dataclasses import replace
 from conftest import rows_in_format, write_jsonl
 
 from dpolab import plan
-from dpolab.doctor import ERROR, OK, WARN, python_check, requirement_conflicts, version_checks
+from dpolab.doctor import ERROR, OK, WARN, compile_check, python_check, requirement_conflicts, version_checks
 from dpolab.plan import (
     KNOWN_CONFIGS,
     ModelShape,
@@ -32,6 +32,15 @@ def test_doctor_on_this_machine_reports_the_build_and_passes():
     for package in ("transformers", "trl", "accelerate", "peft", "datasets", "numpy"):
         assert f"ok    {package}" in result.stdout
     assert "0 error(s)" in result.stdout
+
+
+def test_doctor_says_whether_torch_compile_can_work_here():
+    assert compile_check(True, has_triton=True, cxx=None).status == OK
+    missing = compile_check(True, has_triton=False, cxx="/usr/bin/g++")  # a GPU needs Triton, not g++
+    assert (missing.status, missing.fix) == (WARN, "pip install triton") and "would fail" in missing.detail
+    assert compile_check(False, has_triton=False, cxx="/usr/bin/g++").status == OK
+    no_compiler = compile_check(False, has_triton=True, cxx=None)
+    assert no_compiler.status == WARN and "no C++ compiler" in no_compiler.detail and "g++" in no_compiler.fix
 
 
 def test_doctor_flags_missing_and_mismatched_versions_with_the_fix():

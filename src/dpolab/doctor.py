@@ -5,6 +5,7 @@ One table of checks; each problem comes with the command that fixes it; exit cod
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -91,6 +92,19 @@ def numpy_abi_check() -> Check:
     return Check("numpy ABI", OK, f"numpy {numpy.__version__} works with torch and pyarrow")
 
 
+def compile_check(cuda: bool, *, has_triton: bool, cxx: str | None) -> Check:
+    """What `--torch_compile true` (inductor) needs here: Triton on a GPU, a C++ compiler on the CPU."""
+    name = "torch_compile"
+    if cuda:
+        if has_triton:
+            return Check(name, OK, "inductor can compile (Triton installed)")
+        return Check(name, WARN, "Triton is missing: --torch_compile true would fail", "pip install triton")
+    if cxx:
+        return Check(name, OK, f"inductor can compile for the CPU ({cxx})")
+    return Check(name, WARN, "no C++ compiler (g++ or $CXX): --torch_compile true would fail on the CPU",
+                 "apt-get install g++   (or leave torch_compile off)")  # fmt: skip
+
+
 def torch_checks() -> list[Check]:
     try:
         import torch
@@ -102,7 +116,9 @@ def torch_checks() -> list[Check]:
         fix = "" if not torch.version.cuda else "check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"
         detail = "no GPU: training runs on the CPU (fine for the demo and tests, slow for real models)"
         checks.append(Check("CUDA", WARN if torch.version.cuda else OK, detail, fix))
+        checks.append(compile_check(False, has_triton=False, cxx=shutil.which(os.environ.get("CXX", "g++"))))
         return checks
+    checks.append(compile_check(True, has_triton=importlib.util.find_spec("triton") is not None, cxx=None))
     properties = torch.cuda.get_device_properties(0)
     checks.append(Check("GPU", OK, f"{properties.name}, {properties.total_memory / 2**30:.1f} GiB"))
     bf16 = torch.cuda.is_bf16_supported()
