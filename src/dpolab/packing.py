@@ -47,6 +47,11 @@ def truncated_answers(example: dict, max_length: int | None) -> tuple[list[int],
     return example["chosen_ids"][:room], example["rejected_ids"][:room]
 
 
+def row_multiple(torch_compile: bool, torch_compile_mode: str | None) -> int:
+    """What a packed row's length is rounded up to under these TRL compile settings."""
+    return CUDA_GRAPH_ROW_MULTIPLE if torch_compile and torch_compile_mode in CUDA_GRAPH_MODES else ROW_MULTIPLE
+
+
 def pack_batch(
     examples: list[dict], max_length: int | None, pad_token_id: int, row_multiple: int = ROW_MULTIPLE
 ) -> dict[str, torch.Tensor]:

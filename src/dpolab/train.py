@@ -261,10 +261,9 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         reason = packing.unsupported_reason(model.config, training.truncation_mode)
         if reason is None:
             packing.install(model)
-            graphed = training.torch_compile and training.torch_compile_mode in packing.CUDA_GRAPH_MODES
             collator = packing.PackedCollator(
                 pad_token_id=pad_token_id, max_length=training.max_length,
-                row_multiple=packing.CUDA_GRAPH_ROW_MULTIPLE if graphed else packing.ROW_MULTIPLE,
+                row_multiple=packing.row_multiple(training.torch_compile, training.torch_compile_mode),
             )  # fmt: skip
             print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
             if training.torch_compile:
