@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
     "dpolab-fast-compile": {"torch_compile": True},  # decoder layers compiled in place (packing.compile_layers)
@@ -175,14 +177,14 @@ class StepProfiler:
     def steps(cls) -> range:
         return range(cls.FIRST, cls.FIRST + cls.STEPS)
 
-    def __init__(self, path: Path, device: str):
+    def __init__(self, path: Path, row: str, device: str):
         import torch
         from transformers import TrainerCallback
 
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.path, self.device, self.started = path, device, None
+        self.path, self.row, self.device, self.started = path, row, device, None
         self.profiler = torch.profiler.profile(activities=activities)
         profiler = self
 
@@ -208,16 +210,20 @@ class StepProfiler:
         averages = self.profiler.key_averages()
         device_us = sum(getattr(event, "self_device_time_total", 0) for event in averages) / self.STEPS
         operations = sum(event.count for event in averages if getattr(event, "self_device_time_total", 0))
+        aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))  # nested ones too
         by_device = averages.table(
             sort_by="self_device_time_total" if self.device == "cuda" else "self_cpu_time_total", row_limit=30
         )
         by_host = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        by_calls = averages.table(sort_by="count", row_limit=25)  # a launch-bound step: what is issued most
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(
-            f"steps {self.FIRST}-{self.steps()[-1]}: {wall_ms:.1f} ms wall per step, {device_us / 1e3:.1f} ms of "
-            f"device time per step, ~{operations // self.STEPS} device operations per step\n\n"
-            f"By device time:\n{by_device}\n\nBy host time:\n{by_host}\n"
-        )
+        with self.path.open("a") as profiles:  # one file for every row: a lent GPU returns only a few files
+            profiles.write(
+                f"## {self.row}\n\nsteps {self.FIRST}-{self.steps()[-1]}: {wall_ms:.1f} ms wall per step, "
+                f"{device_us / 1e3:.1f} ms of device time per step, ~{operations // self.STEPS} device operations "
+                f"and ~{aten_calls // self.STEPS} aten operator calls per step\n\n"
+                f"By device time:\n{by_device}\n\nBy host time:\n{by_host}\n\nBy calls:\n{by_calls}\n\n"
+            )
 
 
 def snapshot(model):
@@ -299,7 +305,7 @@ def run_row(args) -> dict:
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
     if args.profile:
-        trainer.add_callback(StepProfiler(Path(args.out) / f"profile-{args.row}.txt", args.device).callback)
+        trainer.add_callback(StepProfiler(Path(args.out) / "profiles.txt", args.row, args.device).callback)
     initial = snapshot(trainer.model)
     training_started = time.perf_counter()
     trainer.train()
@@ -352,14 +358,16 @@ def run_cli_row(args, world, result) -> dict:
 
 def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: int = 8) -> float | None:
     """`dpolab plan`'s peak reserved (GiB) for a row, for the largest micro-batch the row really ran."""
-    from dpolab import plan
+    from dpolab import packing, plan
 
     model = plan.model_shape(row["model"])
     batches = [layout[i : i + batch] for i in range(0, steps * batch, batch)]
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
     elif row["row"].startswith("dpolab-fast"):
-        tokens = max(sum(p + c + r for p, c, r in b) for b in batches)
+        fields = ROW_FIELDS[row["row"]]
+        multiple = packing.row_multiple(fields.get("torch_compile", False), fields.get("torch_compile_mode"))
+        tokens = max(-(-sum(p + c + r for p, c, r in b) // multiple) * multiple for b in batches)
     else:
         return None
     shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
@@ -414,7 +422,8 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="working directory (model, data, runs)")
     parser.add_argument("--rows", default=",".join(REQUIRED_ROWS + OPTIONAL_ROWS))
     parser.add_argument("--budget_s", type=float, default=330, help="skip optional rows past this many seconds")
-    parser.add_argument("--profile", action="store_true", help="write profile-ROW.txt (steps 13-16) for each row")
+    parser.add_argument("--deadline_s", type=float, default=None, help="stop all rows this many seconds in")
+    parser.add_argument("--profile", action="store_true", help="profile steps 13-16 of each row (profiles.txt)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     args.work = args.work or str(Path(args.out) / "work")
@@ -436,26 +445,43 @@ def main() -> None:
     args.model_dir = world["model"]
     layout = token_layout(world, 1024)
     print(f"world ready in {time.time() - started:.0f} s", flush=True)
-    rows = []
+    rows, out = [], Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.rows.split(","):
-        if name in OPTIONAL_ROWS and time.time() - started > args.budget_s:
-            print(f"skipping {name}: {time.time() - started:.0f} s spent", flush=True)
+        spent = time.time() - started
+        left = None if args.deadline_s is None else args.deadline_s - spent
+        if (name in OPTIONAL_ROWS and spent > args.budget_s) or (left is not None and left < MIN_ROW_S):
+            print(f"skipping {name}: {spent:.0f} s spent", flush=True)
             continue
         row_started = time.time()
         command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--work",
                    str(work), "--out", args.out, "--row", name] + ["--profile"] * args.profile  # fmt: skip
-        subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+        finished = run_row_process(command, timeout=left)
         path = work / f"{name}.json"
-        rows.append(json.loads(path.read_text()) if path.is_file() else {"row": name, "error": "no result"})
+        if not finished:
+            rows.append({"row": name, "error": f"stopped at the deadline after {time.time() - row_started:.0f} s"})
+        else:
+            rows.append(json.loads(path.read_text()) if path.is_file() else {"row": name, "error": "no result"})
         rows[-1]["wall_s"] = round(time.time() - row_started, 1)
         print(f"== {name}: {time.time() - row_started:.0f} s", json.dumps({k: v for k, v in rows[-1].items()
                                                                            if k != "losses"}), flush=True)  # fmt: skip
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows, layout, args)
-    (Path(args.out) / "table.md").write_text(text + "\n")
-    print(text)
+        (out / "rows.json").write_text(json.dumps(rows, indent=2))
+        (out / "table.md").write_text(table(rows, layout, args) + "\n")  # after every row: a cut-off call keeps it
+    print(table(rows, layout, args))
     print(f"total {time.time() - started:.0f} s")
+
+
+def run_row_process(command: list[str], timeout: float | None) -> bool:
+    """Run one row's process; past `timeout` kill it with everything it started (inductor's compile workers
+    too, which hold no GPU memory but would outlive it). Whether it finished."""
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        process.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return False
 
 
 if __name__ == "__main__":

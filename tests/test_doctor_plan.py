@@ -118,6 +118,8 @@ def test_fit_keeps_the_global_batch_and_prefers_no_checkpointing():
 def test_batch_token_peak_by_hand():
     pairs = [(10, 5, 7)] * 50  # every pair alike: any batch of 4 holds the same tokens
     assert batch_token_peak(pairs, 4, packed=True) == 4 * 22  # prompt once, both answers
+    assert batch_token_peak(pairs, 4, packed=True, row_multiple=64) == 128  # the collator rounds 88 up to 128
+    assert batch_token_peak(pairs, 4, packed=False, row_multiple=64) == 2 * 4 * 17  # padded rows: not rounded
     assert batch_token_peak(pairs, 4, packed=False) == 2 * 4 * 17  # TRL: 8 rows padded to prompt + longer answer
     mixed = [(10, 5, 7)] * 999 + [(10, 500, 500)]
     assert batch_token_peak(mixed, 4, packed=True) > 4 * 22  # the 99.9th percentile meets the long pair
@@ -137,8 +139,9 @@ def test_plan_command_for_the_full_preset(capsys):
 
 
 def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
-    """fit_to_memory on a pretend card with 2.5 MiB beyond the CUDA context: the tiny model's 8 pairs (~3.5 MiB)
-    do not fit in one micro-batch, so it splits them, keeping 8 pairs per optimizer step."""
+    """fit_to_memory on a pretend card with 3 MiB beyond the CUDA context: the tiny model's 8 pairs (~4.3 MiB
+    planned, their packed row rounded up to 448 tokens) do not fit in one micro-batch, so it splits them, keeping 8
+    pairs per optimizer step."""
     import torch
 
     from dpolab.config import parse_train_args
@@ -146,7 +149,7 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     from dpolab.train import check_tokens, fit_to_memory, load_train_eval
 
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 16))
-    budget = (plan.CUDA_CONTEXT_BYTES + 2.5 * 2**20) / 2**30
+    budget = (plan.CUDA_CONTEXT_BYTES + 3 * 2**20) / 2**30
     config = parse_train_args(["--config", str(tiny_config(data)), "--per_device_train_batch_size", "8",
                                "--gpu_memory_gib", str(budget)])  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

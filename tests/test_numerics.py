@@ -48,6 +48,28 @@ def test_movement_by_hand():
     assert moved["weights/relative_change"] == pytest.approx(0.5 / 5)
 
 
+def test_weight_movement_is_measured_every_ten_steps_and_at_the_end():
+    from types import SimpleNamespace
+
+    from dpolab.callbacks import WeightMovementCallback
+
+    model = torch.nn.Linear(4, 4)
+    callback = WeightMovementCallback()
+    callback.on_train_begin(None, None, None, model=model)
+    measured = {}
+    for step in range(1, 26):  # logging_steps 1: a log after every step
+        with torch.no_grad():
+            model.weight[0, 0] += 1.0  # one of 20 weights moves
+        logs = {"loss": 0.69}
+        callback.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+        if "weights/changed_share" in logs:
+            measured[step] = logs["weights/changed_share"]
+    closing = {"train_runtime": 1.0}
+    callback.on_log(None, SimpleNamespace(global_step=25), None, logs=closing)
+    assert measured == {1: 1 / 20, 11: 1 / 20, 21: 1 / 20}
+    assert closing["weights/changed_share"] == 1 / 20 and closing["weights/relative_change"] > 0
+
+
 def preset_argv(tmp_path, tiny_model_dir, preset):
     write_jsonl(tmp_path / "data" / "train.jsonl", rows_in_format("messages", 48))
     write_jsonl(tmp_path / "data" / "test.jsonl", rows_in_format("messages", 4, seed=5))

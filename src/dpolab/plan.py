@@ -167,11 +167,14 @@ def fit(model: ModelShape, run: RunShape, budget_bytes: int, tokens_for_batch=No
     return None
 
 
-def batch_token_peak(pairs: list[tuple[int, int, int]], batch: int, packed: bool, draws: int = 2000) -> int:
+def batch_token_peak(
+    pairs: list[tuple[int, int, int]], batch: int, packed: bool, row_multiple: int = 1, draws: int = 2000
+) -> int:
     """The 99.9th percentile of the tokens a random micro-batch of `batch` pairs holds: the peak a run meets.
 
-    pairs: (prompt, chosen, rejected) scored lengths. Packed: every pair's tokens, prompt once. Padded (TRL):
-    chosen and rejected rows padded to the batch's longest sequence.
+    pairs: (prompt, chosen, rejected) scored lengths. Packed: every pair's tokens, prompt once, the row rounded
+    up to `row_multiple` as the fast path's collator rounds it. Padded (TRL): chosen and rejected rows padded to
+    the batch's longest sequence.
     """
     import random
 
@@ -180,7 +183,7 @@ def batch_token_peak(pairs: list[tuple[int, int, int]], batch: int, packed: bool
     for _ in range(draws):
         drawn = rng.choices(pairs, k=batch)
         if packed:
-            totals.append(sum(p + c + r for p, c, r in drawn))
+            totals.append(-(-sum(p + c + r for p, c, r in drawn) // row_multiple) * row_multiple)
         else:
             totals.append(2 * batch * max(p + max(c, r) for p, c, r in drawn))
     totals.sort()

@@ -168,7 +168,7 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     this data puts in a micro-batch, keeping the global batch. Sets them in the config and says what it chose."""
     import torch
 
-    from dpolab import plan
+    from dpolab import packing, plan
 
     training, script = config.training, config.script
     if not script.fit_to_memory or not torch.cuda.is_available():
@@ -180,8 +180,11 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
     scored = lengths.scored(training.max_length)
     packed = script.fast_path and training.truncation_mode == "keep_start"
+    multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode)
     model = plan.model_shape(model_path)
-    chosen = plan.fit(model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(scored, b, packed))
+    chosen = plan.fit(
+        model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(scored, b, packed, multiple)
+    )
     if chosen is None:
         raise DpolabError(
             f"No micro-batch fits {budget / plan.GIB:.1f} GiB even with activation checkpointing (`dpolab plan` "
