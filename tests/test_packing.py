@@ -299,6 +299,28 @@ def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir):
     assert set(compiled.state_dict()) == set(eager.state_dict())  # in place: the weights keep their names
 
 
+def test_compiled_flex_attention_layers_take_every_row_length_without_recompiling(tiny_model_dir):
+    """The GPU fast path's case: a BlockMask (its lengths are Python ints) goes into each compiled layer. Forward
+    only: FlexAttention has no backward on the CPU; the backward graph is derived from this same symbolic one."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    compiled = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention")
+    packing.install(compiled)
+    packing.compile_layers(compiled, "aot_eager", None)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]  # reset() keeps dynamo's counters
+    graphs, lengths = [], set()
+    with torch.no_grad():
+        for seed in range(4):
+            inputs = packed_inputs(seed)
+            lengths.add(inputs["packed_input_ids"].shape[1])
+            compiled.model(**inputs, use_cache=False)
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert len(lengths) > 1  # the rows did change length
+    assert graphs == [1] * len(graphs), graphs  # one graph for every layer, compiled in the first batch only
+
+
 @pytest.mark.parametrize("overrides", [{}, {"precompute_ref_log_probs": True, "activation_checkpointing": True},
                                        {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]}],
                          ids=["reference-each-step", "pre-pass-checkpointing", "lora"])  # fmt: skip
