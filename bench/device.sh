@@ -18,6 +18,7 @@ if [ "$DEVICE" = cuda ]; then  # the wheels are Python 3.12's, the lent machine'
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DPOLAB_CACHE=/tmp/dpolab-cache
+export TORCH_LOGS=recompiles  # why a compiled row compiled again, in log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
   python3 -c "import sys, torch, transformers, trl, accelerate; print(sys.version.split()[0], torch.__version__,
@@ -25,7 +26,7 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   date -u
 } > "$OUT/machine.txt"
-ROWS=${ROWS:-trl-default,dpolab-fast,dpolab-fast-compile,dpolab-fast-compile-cudagraphs,cli-full,cli-smoke}
+ROWS=${ROWS:-trl-default,dpolab-fast,dpolab-fast-compile,dpolab-fast-compile-cudagraphs,dpolab-fast-compile-512,cli-full,cli-smoke}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" --profile --out "$OUT" --work /tmp/bench-work \
-  --rows "$ROWS" --budget_s "${BUDGET_S:-400}" --deadline_s "${DEADLINE_S:-530}" 2>&1 | tee "$OUT/log.txt"
+  --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-550}" 2>&1 | tee "$OUT/log.txt"

@@ -47,13 +47,14 @@ CHATML = (
 # Letters only: Qwen2's tokenizer splits digits one by one, whatever tokenizer.json says.
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
-OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "trl-bf16-precompute", "dpolab-fast-liger",
-                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
+                 "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
     "dpolab-fast-compile": {"torch_compile": True},  # decoder layers compiled in place (packing.compile_layers)
     "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
+    "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
     "dpolab-fast-liger": {"use_liger_kernel": True},
     "dpolab-fast-sdpa": {"attn_implementation": "sdpa"},
     "dpolab-fast-bf16-kahan": {"dtype": "bfloat16"},
@@ -226,6 +227,16 @@ class StepProfiler:
             )
 
 
+def compiled_graphs() -> dict:
+    """What torch.compile did in this process: frames compiled (recompilations count again) and graphs. A row
+    whose layers recompile for every new row length shows a count that grows with the steps; the log says why
+    (TORCH_LOGS=recompiles, set by bench/device.sh)."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"]["ok"], "unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}  # fmt: skip
+
+
 def snapshot(model):
     """The initial weights, in host memory (a copy on the GPU would add to the peak being measured)."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
@@ -317,6 +328,7 @@ def run_row(args) -> dict:
         num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
         attention=trainer.model.config._attn_implementation,
         checkpointing=bool(trainer.args.activation_checkpointing),
+        compiled_graphs=compiled_graphs(),
     )
     if cuda:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -366,7 +378,9 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: in
         tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
     elif row["row"].startswith("dpolab-fast"):
         fields = ROW_FIELDS[row["row"]]
-        multiple = packing.row_multiple(fields.get("torch_compile", False), fields.get("torch_compile_mode"))
+        multiple = packing.row_multiple(
+            fields.get("torch_compile", False), fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of")
+        )
         tokens = max(-(-sum(p + c + r for p, c, r in b) // multiple) * multiple for b in batches)
     else:
         return None

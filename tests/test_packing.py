@@ -45,6 +45,27 @@ def test_layout_by_hand():
     assert batch["packed_gather_index"].tolist() == [[0, 1, 2, 3], [5, 6, 64, 64], [0, 1, 4, 64], [5, 7, 8, 9]]
 
 
+def test_the_packed_row_length_by_setting():
+    assert packing.row_multiple(False, None) == 64
+    assert packing.row_multiple(True, None) == 64  # compiled with dynamic shapes: any length runs the same graph
+    assert packing.row_multiple(True, "reduce-overhead") == 512  # CUDA graphs: one recording per row length
+    assert packing.row_multiple(False, "reduce-overhead") == 64  # the mode alone compiles nothing
+    assert packing.row_multiple(True, "reduce-overhead", 128) == 128  # TRL's pad_to_multiple_of, where set, wins
+
+
+def test_the_fast_path_pads_its_row_to_trls_pad_to_multiple_of(tmp_path, tiny_config, tiny_model_dir):
+    from dpolab import train
+    from dpolab.config import parse_train_args
+    from dpolab.models import load_tokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = parse_train_args(["--config", str(tiny_config(data, max_steps=1)), "--pad_to_multiple_of", "160"])
+    train_pairs, _ = train.load_train_eval(config)
+    trainer = train.build_trainer(config, str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), train_pairs, None)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["packed_input_ids"].shape[1] % 160 == 0 and trainer.data_collator.row_multiple == 160
+
+
 def test_the_padded_half_equals_trls_collator():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 

@@ -47,8 +47,11 @@ def truncated_answers(example: dict, max_length: int | None) -> tuple[list[int],
     return example["chosen_ids"][:room], example["rejected_ids"][:room]
 
 
-def row_multiple(torch_compile: bool, torch_compile_mode: str | None) -> int:
-    """What a packed row's length is rounded up to under these TRL compile settings."""
+def row_multiple(torch_compile: bool, torch_compile_mode: str | None, pad_to_multiple_of: int | None = None) -> int:
+    """What a packed row's length is rounded up to: TRL's `pad_to_multiple_of` where set (on the fast path the
+    packed row is the sequence the model computes), else 512 under compile modes with CUDA graphs, else 64."""
+    if pad_to_multiple_of:
+        return pad_to_multiple_of
     return CUDA_GRAPH_ROW_MULTIPLE if torch_compile and torch_compile_mode in CUDA_GRAPH_MODES else ROW_MULTIPLE
 
 

@@ -180,7 +180,7 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
     scored = lengths.scored(training.max_length)
     packed = script.fast_path and training.truncation_mode == "keep_start"
-    multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode)
+    multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of)
     model = plan.model_shape(model_path)
     chosen = plan.fit(
         model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(scored, b, packed, multiple)
@@ -266,7 +266,9 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
             packing.install(model)
             collator = packing.PackedCollator(
                 pad_token_id=pad_token_id, max_length=training.max_length,
-                row_multiple=packing.row_multiple(training.torch_compile, training.torch_compile_mode),
+                row_multiple=packing.row_multiple(
+                    training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of
+                ),
             )  # fmt: skip
             print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
             if training.torch_compile:
