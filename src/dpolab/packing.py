@@ -24,6 +24,7 @@ import functools
 import types
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
@@ -65,9 +66,8 @@ def pack_batch(
     packed_gather_index: [2B, L], the packed position holding each padded position's token (T, a zero row,
     for padding). `ref_chosen_logps`/`ref_rejected_logps` pass through when the examples carry them.
     """
-    sequences, completion_masks = [[], []], [[], []]  # [chosen rows, rejected rows]
     tokens, positions, pairs, segments = [], [], [], []
-    packed_index_rows = [[], []]
+    spans = [[], []]  # [chosen rows, rejected rows]: (prompt start, prompt length, answer start, answer length)
     for pair_id, example in enumerate(examples):
         prompt = example["prompt_ids"]
         if max_length is not None and len(prompt) >= max_length:
@@ -78,33 +78,38 @@ def pack_batch(
         pairs += [pair_id] * len(prompt)
         segments += [PROMPT] * len(prompt)
         for side, (segment, answer) in enumerate(zip((CHOSEN, REJECTED), truncated_answers(example, max_length))):
-            answer_start = len(tokens)
+            spans[side].append((start, len(prompt), len(tokens), len(answer)))
             tokens += answer
             positions += range(len(prompt), len(prompt) + len(answer))  # each answer continues the prompt
             pairs += [pair_id] * len(answer)
             segments += [segment] * len(answer)
-            sequences[side].append(prompt + answer)
-            completion_masks[side].append([0] * len(prompt) + [1] * len(answer))
-            packed_index_rows[side].append(
-                list(range(start, start + len(prompt))) + list(range(answer_start, answer_start + len(answer)))
-            )
     length = -(-len(tokens) // row_multiple) * row_multiple
-    padding = length - len(tokens)
-    rows = sequences[0] + sequences[1]
-    width = max(len(row) for row in rows)
 
-    def padded(rows, value):
-        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+    def packed(values: list[int], fill: int) -> torch.Tensor:  # [1, length]; numpy converts lists ~4x faster
+        return torch.from_numpy(numpy.array(values + [fill] * (length - len(values)), dtype=numpy.int64))[None]
 
+    rows = spans[0] + spans[1]
+    gather = torch.full((len(rows), max(p + a for _, p, _, a in rows)), length, dtype=torch.long)
+    for row, (prompt_start, prompt_length, answer_start, answer_length) in enumerate(rows):
+        gather[row, :prompt_length] = torch.arange(prompt_start, prompt_start + prompt_length)
+        gather[row, prompt_length : prompt_length + answer_length] = torch.arange(
+            answer_start, answer_start + answer_length
+        )
+    packed_input_ids, packed_segment = packed(tokens, pad_token_id), packed(segments, PROMPT)
+
+    def in_rows(row: torch.Tensor, fill: int) -> torch.Tensor:  # the packed row read into TRL's padded layout
+        return torch.cat([row[0], row.new_tensor([fill])])[gather]
+
+    real = gather < length  # padding positions read index `length`, past the row
     batch = {
-        "input_ids": padded(rows, pad_token_id),
-        "attention_mask": padded([[1] * len(row) for row in rows], 0),
-        "completion_mask": padded(completion_masks[0] + completion_masks[1], 0),
-        "packed_input_ids": torch.tensor([tokens + [pad_token_id] * padding], dtype=torch.long),
-        "packed_position_ids": torch.tensor([positions + [0] * padding], dtype=torch.long),
-        "packed_pair": torch.tensor([pairs + [PAD_PAIR] * padding], dtype=torch.long),
-        "packed_segment": torch.tensor([segments + [PROMPT] * padding], dtype=torch.long),
-        "packed_gather_index": padded(packed_index_rows[0] + packed_index_rows[1], length),
+        "input_ids": in_rows(packed_input_ids, pad_token_id),
+        "attention_mask": real.long(),
+        "completion_mask": (real & (in_rows(packed_segment, PROMPT) != PROMPT)).long(),
+        "packed_input_ids": packed_input_ids,
+        "packed_position_ids": packed(positions, 0),
+        "packed_pair": packed(pairs, PAD_PAIR),
+        "packed_segment": packed_segment,
+        "packed_gather_index": gather,
     }
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in examples[0]:
