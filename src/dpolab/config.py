@@ -450,7 +450,7 @@ def options(config_class) -> list[Option]:
             positional=bool(item.metadata.get("positional")), help=item.metadata.get("help", ""),
             choices=tuple(item.metadata["choices"]) if "choices" in item.metadata else None,
         ))  # fmt: skip
-    return result
+    return sorted(result, key=lambda option: (not option.positional, not option.required))  # what must be given first
 
 
 def _convert(option: Option, text):

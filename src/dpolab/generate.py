@@ -117,8 +117,21 @@ def length_stats(rows: list[dict]) -> dict:
 # --- the workflow -----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class Decoding:
+    """The prompts and decoding settings `dpolab generate` and `dpolab judge` share (judge reuses a run's
+    generations only when they were made with the same ones)."""
+
+    prompts: str | None = field(default=None, metadata={"help": "prompts file (.jsonl or .txt); default: 20 built-in"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest answer, in tokens"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call (and answers per judge batch)"})
+    do_sample: bool = field(default=False, metadata={"help": "sample (seeded) instead of greedy decoding"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (with --do_sample)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (judge: of the first sample)"})
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(Decoding):
     """The same prompts through several models, side by side: generations.jsonl, generations.json (length
     statistics per model) and generations.html."""
 
@@ -126,12 +139,6 @@ class GenerateConfig:
         metadata={"help": "comma-separated: model dirs, run dirs (their final/), checkpoints, Hub ids, .gguf; "
                           "'base' = the base model of the run the others belong to"}
     )  # fmt: skip
-    prompts: str | None = field(default=None, metadata={"help": "prompts file (.jsonl or .txt); default: 20 built-in"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest reply, in tokens"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call"})
-    do_sample: bool = field(default=False, metadata={"help": "sample (seeded) instead of greedy decoding"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (with --do_sample)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
     output_dir: str | None = field(
         default=None, metadata={"help": "default: the run directory of the models, else runs/generate-<time>"}
     )
@@ -175,7 +182,7 @@ def generate_all(models: list[tuple[str, str]], prompts: list[list[dict]], confi
     return rows
 
 
-def decoding_record(config: GenerateConfig) -> dict:
+def decoding_record(config: Decoding) -> dict:
     return {"do_sample": config.do_sample, "temperature": config.temperature if config.do_sample else None,
             "seed": config.seed, "max_new_tokens": config.max_new_tokens}  # fmt: skip
 

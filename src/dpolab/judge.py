@@ -11,11 +11,13 @@ DPO makes answers longer, and reward models like longer answers). Writes judge.j
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab.errors import DpolabError
+from dpolab.generate import Decoding
 from dpolab.rundir import (
     GENERATION_STATS,
     GENERATIONS,
@@ -36,8 +38,8 @@ EXTREMES = 3  # prompts shown where a model won or lost most
 INTERCEPT_PRIOR, SLOPE_PRIOR = 1.0, 1e-3  # L2 weights of the length-controlled regression (see its docstring)
 
 
-@dataclass
-class JudgeConfig:
+@dataclass(kw_only=True)
+class JudgeConfig(Decoding):
     """Reward-model win rates of a run's models against its base model, and length-controlled win rates."""
 
     run_dir: str = field(metadata={"positional": True, "help": "the run directory"})
@@ -50,12 +52,6 @@ class JudgeConfig:
             "help": "comma-separated: base, final, checkpoint-N, or 'checkpoints' for every checkpoint and final"
         },
     )
-    prompts: str | None = field(default=None, metadata={"help": "prompts file (.jsonl or .txt); default: 20 built-in"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest answer, in tokens"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call and answers per scoring batch"})
-    do_sample: bool = field(default=False, metadata={"help": "sample (seeded) instead of greedy decoding"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (with --do_sample)"})
-    seed: int = field(default=0, metadata={"help": "seed of the first sample"})
     samples: int = field(default=1, metadata={"help": "answers per prompt and model (with --do_sample)"})
     generate: bool = field(
         default=True, metadata={"help": "generate answers the run's generations.jsonl lacks (false: read only)"}
@@ -156,10 +152,8 @@ def collect_answers(run_dir: RunDir, models, config: JudgeConfig) -> list[dict]:
     decoding, written = written_generations(run_dir)
     answers = []
     for sample in range(config.samples):
-        generation = GenerateConfig(
-            models="", prompts=config.prompts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            do_sample=config.do_sample, temperature=config.temperature, seed=config.seed + sample,
-        )  # fmt: skip
+        settings = {item.name: getattr(config, item.name) for item in dataclasses.fields(Decoding)}
+        generation = GenerateConfig(models="", **settings | {"seed": config.seed + sample})
         for label, step, path in models:
             rows = written.get(location(path)) if decoding == decoding_record(generation) else None
             if rows is not None and [row["prompt"] for row in rows] != prompts:
