@@ -118,6 +118,25 @@ def test_flex_block_mask_follows_the_same_rule():
                 assert bool(tile.all())
 
 
+@pytest.mark.parametrize("lengths", [(39, 50, 70), (3, 4, 5), (300, 500, 400)], ids=["mixed", "tiny", "long"])
+def test_block_mask_is_the_one_create_block_mask_builds(lengths):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = random.Random(sum(lengths))
+    examples = [{key: [1] * rng.randint(1, most) for key, most in zip(("prompt_ids", "chosen_ids", "rejected_ids"),
+                                                                        lengths)} for _ in range(5)]  # fmt: skip
+    batch = packing.pack_batch(examples, max_length=None, pad_token_id=0)
+    pair, segment = batch["packed_pair"][0], batch["packed_segment"][0]
+    ours = packing.block_mask(pair, segment)
+    theirs = create_block_mask(
+        lambda b, h, q, k: packing.allowed(pair, segment, q, k), None, None, pair.numel(), pair.numel(), "cpu"
+    )
+    assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):  # fmt: skip
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
 def trainer_on(tmp_path, model_dir, fmt, max_length, attn="sdpa", count=10):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
