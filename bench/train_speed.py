@@ -48,7 +48,8 @@ CHATML = (
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+                 "cli-smoke-compile", "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa",
+                 "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
@@ -337,18 +338,20 @@ def run_row(args) -> dict:
 
 
 def run_cli_row(args, world, result) -> dict:
-    """`dpolab train --preset smoke|full` through train.run, as a user runs it."""
+    """`dpolab train --preset smoke|full` through train.run, as a user runs it (`cli-smoke-compile`: the smoke
+    preset with `--torch_compile true`, the evidence a compiled default for the presets would need)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dpolab import train
     from dpolab.config import parse_train_args
 
-    preset = args.row.removeprefix("cli-")
+    preset, _, variant = args.row.removeprefix("cli-").partition("-")
     argv = ["--preset", preset, "--model_name_or_path", world["model"], "--dataset_name", world["data"], "--runs_dir",
-            str(Path(args.work) / "runs"), "--run_name", preset, "--train_sampling_strategy", "sequential",
+            str(Path(args.work) / "runs"), "--run_name", args.row, "--train_sampling_strategy", "sequential",
             "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
     argv += ["--max_steps", str(args.steps)] if preset == "smoke" else ["--max_steps", "12", "--gpu_memory_gib", "24"]
+    argv += ["--torch_compile", "true"] if variant == "compile" else []
     summary = train.run(parse_train_args(argv))
     run_dir = Path(summary["run_dir"])
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).state_dict()
