@@ -150,9 +150,9 @@ def collect_answers(run_dir: RunDir, models, config: JudgeConfig) -> list[dict]:
 
     prompts = load_prompts(config.prompts)
     decoding, written = written_generations(run_dir)
+    settings = {item.name: getattr(config, item.name) for item in dataclasses.fields(Decoding)}
     answers = []
     for sample in range(config.samples):
-        settings = {item.name: getattr(config, item.name) for item in dataclasses.fields(Decoding)}
         generation = GenerateConfig(models="", **settings | {"seed": config.seed + sample})
         for label, step, path in models:
             rows = written.get(location(path)) if decoding == decoding_record(generation) else None
