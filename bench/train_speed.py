@@ -394,7 +394,7 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: in
 
 
 HEADER = ("row", "pairs/s", "x TRL default", "MFU %", "peak allocated GiB", "peak reserved GiB", "plan GiB",
-          "weights changed %", "max abs loss diff vs TRL default")  # fmt: skip
+          "weights changed %", "first step s", "frames compiled", "max abs loss diff vs TRL default")  # fmt: skip
 
 
 def table(rows: list[dict], layout, args) -> str:
@@ -424,8 +424,10 @@ def table(rows: list[dict], layout, args) -> str:
         else:
             plan_gib = (row.get("fit") or {}).get("planned_peak_gib")
         changed = 100 * row["weights_changed"] if row.get("weights_changed") is not None else None
-        cells = [rate, ratio, mfu, row.get("peak_allocated_gib"), row.get("peak_reserved_gib"), plan_gib, changed]
-        formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f"]
+        frames = (row.get("compiled_graphs") or {}).get("frames")  # grows with the steps if layers recompile
+        cells = [rate, ratio, mfu, row.get("peak_allocated_gib"), row.get("peak_reserved_gib"), plan_gib, changed,
+                 row.get("first_step_s"), frames]  # fmt: skip
+        formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f", ".1f", "d"]
         text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
         lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
     return "\n".join(lines)
