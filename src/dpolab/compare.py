@@ -45,8 +45,10 @@ def run(config: CompareConfig) -> Path:
     output = Path(config.output_dir) if config.output_dir else default_output(runs)
     output.mkdir(parents=True, exist_ok=True)
     images = plot_curves(runs, output)
-    sweep_image = plot_sweeps(runs, output)
-    judge_image = plot_judges(runs, output)
+    from dpolab.render import plot_judge, plot_sweep
+
+    sweep_image = plot_where_present(runs, "sweep", plot_sweep, output / "sweeps.png")
+    judge_image = plot_where_present(runs, "judge", plot_judge, output / "judge.png")
     path = output / COMPARE_HTML
     write_atomic(path, render(runs, images, sweep_image, judge_image))
     differing = differing_settings(runs)
@@ -174,25 +176,12 @@ def plot_curves(runs: dict[str, RunFiles], output: Path) -> list[tuple[str, Path
     return images
 
 
-def plot_sweeps(runs: dict[str, RunFiles], output: Path) -> Path | None:
-    from dpolab.render import plot_sweep
-
-    sweeps = {label: files.sweep for label, files in runs.items() if files.sweep}
-    if not sweeps:
+def plot_where_present(runs: dict[str, RunFiles], attribute: str, plot, path: Path) -> Path | None:
+    """One figure over the runs that wrote `attribute` (a sweep, a judge summary); None when none did."""
+    present = {label: getattr(files, attribute) for label, files in runs.items() if getattr(files, attribute)}
+    if not present:
         return None
-    path = output / "sweeps.png"
-    plot_sweep(sweeps, path)
-    return path
-
-
-def plot_judges(runs: dict[str, RunFiles], output: Path) -> Path | None:
-    from dpolab.render import plot_judge
-
-    judged = {label: files.judge for label, files in runs.items() if files.judge}
-    if not judged:
-        return None
-    path = output / "judge.png"
-    plot_judge(judged, path)
+    plot(present, path)
     return path
 
 
