@@ -445,6 +445,8 @@ def save_final(trainer, run_dir: RunDir, tokenizer, config: TrainConfig, process
 
 
 def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, train_pairs, eval_pairs) -> dict:
+    from dpolab.diagnostics import diagnose_run
+
     records = run_dir.read_metrics()
     summary = summarize(
         records,
@@ -461,8 +463,6 @@ def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, trai
         eval_pairs=len(eval_pairs.dataset) if eval_pairs else 0,
         answer_tokens=answer_tokens(trainer.train_dataset, trainer.args.max_length),
     )
-    from dpolab.diagnostics import diagnose_run
-
     findings = diagnose_run(records, run_dir.read_config(), summary)
     summary["diagnostics"] = [finding.as_dict() for finding in findings]
     write_json(run_dir.summary_file, summary)

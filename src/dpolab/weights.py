@@ -15,7 +15,7 @@ import torch
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 # Optimizers that carry the low bits a bf16 weight drops (Kahan summation): no lost-update warning for them.
 COMPENSATED_OPTIMIZERS = ("stable_adamw", "adamw_anyprecision")
-SAMPLE_PER_TENSOR = 4096  # weights sampled per parameter tensor for the movement metric (cost: negligible)
+SAMPLE_PER_TENSOR = 4096  # weights sampled per parameter tensor for the movement metric (one gather each)
 
 
 def half_step(weights: torch.Tensor) -> torch.Tensor:
