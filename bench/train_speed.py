@@ -171,7 +171,11 @@ class StepClock:
 
 class StepProfiler:
     """torch.profiler over optimizer steps 13-16 (compiled and warm by then): where a step's time goes, host
-    (Python, kernel launches) against device, written as two tables (by device time, by host time)."""
+    (Python, kernel launches) against device, written as three tables (by device time, host time, calls).
+
+    Not on CUDA-graph rows: CUPTI's view of graph replays is known to be wrong (pytorch/kineto#1165) and profiling
+    them has crashed processes in past CUDA releases (pytorch/pytorch#75504, #112507), which would lose the row's
+    speed; each replayed graph is one launch, so its profile would say little."""
 
     FIRST, STEPS = 13, 4
 
@@ -316,14 +320,15 @@ def run_row(args) -> dict:
                                                                 weight_decay=0.0, kahan_sum=True))  # fmt: skip
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
-    if args.profile:
+    profiled = args.profile and not (cuda and "cudagraphs" in args.row)  # CUPTI with CUDA graphs: see StepProfiler
+    if profiled:
         trainer.add_callback(StepProfiler(Path(args.out) / "profiles.txt", args.row, args.device).callback)
     initial = snapshot(trainer.model)
     training_started = time.perf_counter()
     trainer.train()
     result.update(
         first_step_s=clock.times[0] - training_started,  # includes compiling the training graph, where compiled
-        pairs_per_s=clock.pairs_per_s(8, left_out=StepProfiler.steps() if args.profile else range(0)),
+        pairs_per_s=clock.pairs_per_s(8, left_out=StepProfiler.steps() if profiled else range(0)),
         weights_changed=changed_share(trainer.model, initial),
         losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
         num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
@@ -352,16 +357,21 @@ def run_cli_row(args, world, result) -> dict:
             "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
     argv += ["--max_steps", str(args.steps)] if preset == "smoke" else ["--max_steps", "12", "--gpu_memory_gib", "24"]
     argv += ["--torch_compile", "true"] if variant == "compile" else []
+    started = time.perf_counter()
     summary = train.run(parse_train_args(argv))
+    wall_s = time.perf_counter() - started
     run_dir = Path(summary["run_dir"])
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).state_dict()
     initial = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32).state_dict()
     changed = sum(int((trained[k] != initial[k]).sum()) for k in initial) / sum(v.numel() for v in initial.values())
     provenance = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
-    result.update(pairs_per_s_whole_run=summary["pairs_per_s"], weights_changed=changed,
+    pairs = summary["steps"] * provenance["per_device_train_batch_size"] * provenance["gradient_accumulation_steps"]
+    result.update(pairs_per_s_train_loop=summary["pairs_per_s"], setup_s=summary["setup_s"],
+                  pairs_per_s_whole_run=pairs / wall_s, weights_changed=changed,
                   weights_changed_sampled=(summary.get("weights") or {}).get("weights/changed_share"),
                   fit=provenance["dpolab_provenance"].get("fit_to_memory"),
-                  diagnostics=[f["name"] for f in summary.get("diagnostics", [])])  # fmt: skip
+                  diagnostics=[f["name"] for f in summary.get("diagnostics", [])],
+                  compiled_graphs=compiled_graphs())  # fmt: skip
     if torch.cuda.is_available():
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
@@ -394,7 +404,8 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: in
 
 
 HEADER = ("row", "pairs/s", "x TRL default", "MFU %", "peak allocated GiB", "peak reserved GiB", "plan GiB",
-          "weights changed %", "first step s", "frames compiled", "max abs loss diff vs TRL default")  # fmt: skip
+          "weights changed %", "set-up s", "first step s", "frames compiled",
+          "max abs loss diff vs TRL default")  # fmt: skip
 
 
 def table(rows: list[dict], layout, args) -> str:
@@ -404,7 +415,8 @@ def table(rows: list[dict], layout, args) -> str:
     base = next((row for row in rows if row["row"] == "trl-default" and "error" not in row), None)
     lines = [
         f"{len(layout)} pairs, {tokens_per_pair:.0f} real tokens per pair (TRL's count), batch 8, max_length 1024, "
-        f"{args.steps} steps, pairs/s over steps 9-{args.steps} (cli rows: whole run)",
+        f"{args.steps} steps, pairs/s over steps 9-{args.steps} (cli rows: the whole training loop, compilation "
+        "included); set-up s: data, model and the reference pre-pass, before the first step",
         "",
         "| " + " | ".join(HEADER) + " |",
         "| --- |" + " ---: |" * (len(HEADER) - 1),
@@ -413,7 +425,7 @@ def table(rows: list[dict], layout, args) -> str:
         if "error" in row:
             lines.append(f"| {row['row']} | failed: {row['error'][:150]} |" + " |" * (len(HEADER) - 2))
             continue
-        rate = row.get("pairs_per_s") or row.get("pairs_per_s_whole_run")
+        rate = row.get("pairs_per_s") or row.get("pairs_per_s_train_loop")
         mfu = 100 * rate * tokens_per_pair * 8 * params / (peak * 1e12) if params and peak and rate else None
         ratio = row["pairs_per_s"] / base["pairs_per_s"] if base and row.get("pairs_per_s") else None
         diff = None
@@ -426,8 +438,8 @@ def table(rows: list[dict], layout, args) -> str:
         changed = 100 * row["weights_changed"] if row.get("weights_changed") is not None else None
         frames = (row.get("compiled_graphs") or {}).get("frames")  # grows with the steps if layers recompile
         cells = [rate, ratio, mfu, row.get("peak_allocated_gib"), row.get("peak_reserved_gib"), plan_gib, changed,
-                 row.get("first_step_s"), frames]  # fmt: skip
-        formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f", ".1f", "d"]
+                 row.get("setup_s"), row.get("first_step_s"), frames]  # fmt: skip
+        formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f", ".1f", ".1f", "d"]
         text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
         lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
     return "\n".join(lines)
@@ -458,6 +470,7 @@ def main() -> None:
         return
     started = time.time()
     work = Path(args.work)
+    clear_previous_results(work)
     work.mkdir(parents=True, exist_ok=True)
     world = build_world(work, args.device, pairs=max(args.steps * 8, 24 * 16) + 16)
     (work / "world.json").write_text(json.dumps(world))
@@ -466,6 +479,7 @@ def main() -> None:
     print(f"world ready in {time.time() - started:.0f} s", flush=True)
     rows, out = [], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "profiles.txt").unlink(missing_ok=True)  # the rows append to it
     for name in args.rows.split(","):
         spent = time.time() - started
         left = None if args.deadline_s is None else args.deadline_s - spent
@@ -488,6 +502,16 @@ def main() -> None:
         (out / "table.md").write_text(table(rows, layout, args) + "\n")  # after every row: a cut-off call keeps it
     print(table(rows, layout, args))
     print(f"total {time.time() - started:.0f} s")
+
+
+def clear_previous_results(work: Path) -> None:
+    """A second call on a warm machine reuses the work directory: its runs would make the CLI rows refuse to start
+    (run directories are never overwritten) and a row that died without a result would report the last call's."""
+    import shutil
+
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    for result in work.glob("*.json"):
+        result.unlink()
 
 
 def run_row_process(command: list[str], timeout: float | None) -> bool:

@@ -71,6 +71,33 @@ def test_train_on_each_format(tmp_path, tiny_config, tiny_model_dir, fmt, capsys
         assert "WITHOUT the template" not in output.err
 
 
+def test_the_summary_counts_the_reference_pre_pass_as_set_up_not_training(tmp_path, tiny_config, monkeypatch, capsys):
+    """Trainer's pairs/s and dpolab's runtime start at the first step; the pre-pass runs before it, in set-up."""
+    import time
+
+    from dpolab import packing
+
+    trainer_class = packing.reference_trainer_class()
+    original = trainer_class.reference_pass
+
+    def slow_reference_pass(self, *args, **kwargs):
+        time.sleep(1.5)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "reference_pass", slow_reference_pass)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 12))
+    began = time.time()
+    assert main(["train", "--config", str(tiny_config(data, precompute_ref_log_probs=True))]) == 0
+    wall = time.time() - began
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["setup_s"] >= 1.5  # the pre-pass is set-up ...
+    assert summary["runtime_s"] <= wall - 1.5  # ... not training time
+    assert summary["setup_s"] + summary["runtime_s"] <= wall + 0.1  # both rounded to 0.1 s
+    printed = capsys.readouterr().out
+    assert f"set-up {summary['setup_s']:.0f} s (data, model, reference pre-pass); 3 steps" in printed
+    assert "pairs/s while training)" in printed
+
+
 def test_column_mapping_overrides_and_eval_holdout(tmp_path, tiny_config, tiny_model_dir):
     data = write_jsonl(tmp_path / "se.jsonl", rows_in_format("mapped", 16))
     config = tiny_config(data, prompt_column="question", chosen_column="response_j", rejected_column="response_k")

@@ -93,8 +93,8 @@ def metric_rows(runs: dict[str, RunFiles]) -> list[list]:
     """[metric, value per run]: run size and speed, final train and eval metrics, best values, held-out eval."""
     summaries = {label: files.summary or {} for label, files in runs.items()}
     rows = []
-    for key, label in (("steps", "steps"), ("epochs", "epochs"), ("runtime_s", "runtime (s)"),
-                       ("pairs_per_s", "pairs/s")):  # fmt: skip
+    for key, label in (("steps", "steps"), ("epochs", "epochs"), ("setup_s", "set-up (s)"),
+                       ("runtime_s", "runtime (s)"), ("pairs_per_s", "pairs/s while training")):  # fmt: skip
         rows.append([label, *(summaries[run].get(key, NOT_RUN) for run in runs)])
     for key in KEY_METRICS:
         rows.append([f"final {key}", *(summaries[run].get("final", {}).get(key, NOT_RUN) for run in runs)])

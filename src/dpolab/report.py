@@ -94,11 +94,13 @@ def summary_section(summary: dict | None) -> str:
 
     if not summary:
         return ""
-    rate = summary.get("pairs_per_s")
+    rate, setup_s = summary.get("pairs_per_s"), summary.get("setup_s")  # setup_s: not in runs before 2026-11-26
     parts = [
         "<h2>Final metrics</h2>",
-        f"<p>{summary['steps']} steps, {summary['epochs']:.2f} epochs, {summary['runtime_s']:.0f} s"
-        + (f", {rate:.2f} pairs/s" if rate else "")
+        "<p>"
+        + (f"set-up {setup_s:.0f} s (data, model, reference pre-pass), " if setup_s is not None else "")
+        + f"{summary['steps']} steps, {summary['epochs']:.2f} epochs, {summary['runtime_s']:.0f} s"
+        + (f", {rate:.2f} pairs/s while training" if rate else "")
         + "</p>",
     ]
     keys = list(dict.fromkeys([*summary.get("final", {}), *summary.get("final_eval", {})]))

@@ -30,6 +30,7 @@ def run(config: TrainConfig) -> dict:
     """
     from accelerate import PartialState
 
+    began = time.time()
     process = PartialState()  # already set up by DPOConfig; a single process when not launched
     run_dir = RunDir(config.run_dir)
     resume_from = find_resume_checkpoint(run_dir, config.script.resume)
@@ -54,7 +55,8 @@ def run(config: TrainConfig) -> dict:
     save_final(trainer, run_dir, tokenizer, config, process)
     summary = {}
     if process.is_main_process:
-        summary = write_summary(trainer, run_dir, train_output, time.time() - started, train_pairs, eval_pairs)
+        timing = {"setup_s": started - began, "runtime_s": time.time() - started}
+        summary = write_summary(trainer, run_dir, train_output, timing, train_pairs, eval_pairs)
         print(format_summary(summary), flush=True)
     process.wait_for_everyone()
     return summary
@@ -444,7 +446,8 @@ def save_final(trainer, run_dir: RunDir, tokenizer, config: TrainConfig, process
             tokenizer.save_pretrained(str(final_dir / "merged"))
 
 
-def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, train_pairs, eval_pairs) -> dict:
+def write_summary(trainer, run_dir: RunDir, train_output, timing: dict, train_pairs, eval_pairs) -> dict:
+    """summary.json; `timing`: setup_s (data, model, reference pre-pass) and runtime_s (training, final eval, save)."""
     from dpolab.diagnostics import diagnose_run
 
     records = run_dir.read_metrics()
@@ -452,8 +455,8 @@ def write_summary(trainer, run_dir: RunDir, train_output, runtime_s: float, trai
         records,
         steps=trainer.state.global_step,
         epochs=trainer.state.epoch,
-        runtime_s=runtime_s,
         train_metrics=train_output.metrics,
+        **timing,
     )
     summary.update(
         run_dir=str(run_dir.path),
@@ -536,7 +539,9 @@ def evaluated_at(log_history: list[dict], step: int) -> bool:
     return any("eval_loss" in record and record.get("step") == step for record in log_history)
 
 
-def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: float, train_metrics: dict) -> dict:
+def summarize(
+    records: list[dict], *, steps: int, epochs: float, setup_s: float, runtime_s: float, train_metrics: dict
+) -> dict:
     """summary.json from the metric records: last and best values of the key curves, train and eval."""
     from dpolab.logps import is_finite
 
@@ -555,8 +560,9 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
     return {
         "steps": steps,
         "epochs": epochs,
+        "setup_s": round(setup_s, 1),
         "runtime_s": round(runtime_s, 1),
-        "pairs_per_s": train_metrics.get("train_samples_per_second"),
+        "pairs_per_s": train_metrics.get("train_samples_per_second"),  # Trainer's: the training loop only
         "steps_per_s": train_metrics.get("train_steps_per_second"),
         "final": final,
         "final_eval": final_eval,
@@ -570,8 +576,9 @@ def summarize(records: list[dict], *, steps: int, epochs: float, runtime_s: floa
 def format_summary(summary: dict) -> str:
     rows = [
         f"Run finished: {summary['run_dir']}",
-        f"  {summary['steps']} steps, {summary['epochs']:.2f} epochs in {summary['runtime_s']:.0f} s"
-        + (f" ({summary['pairs_per_s']:.2f} pairs/s)" if summary.get("pairs_per_s") else ""),
+        f"  set-up {summary['setup_s']:.0f} s (data, model, reference pre-pass); {summary['steps']} steps, "
+        f"{summary['epochs']:.2f} epochs in {summary['runtime_s']:.0f} s"
+        + (f" ({summary['pairs_per_s']:.2f} pairs/s while training)" if summary.get("pairs_per_s") else ""),
         f"  {'metric':<22}{'train (last)':>14}{'eval (last)':>14}",
     ]
     for key in KEY_METRICS:
