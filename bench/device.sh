@@ -26,7 +26,7 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   date -u
 } > "$OUT/machine.txt"
-ROWS=${ROWS:-trl-default,dpolab-fast,dpolab-fast-compile,dpolab-fast-compile-cudagraphs,cli-smoke-compile,\
+ROWS=${ROWS:-trl-default,dpolab-fast,dpolab-fast-compile,dpolab-fast-compile-cudagraphs,cli-smoke-compile,reference-prepass,\
 dpolab-fast-compile-512,cli-full,cli-smoke}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" --profile --out "$OUT" --work /tmp/bench-work \

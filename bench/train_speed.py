@@ -48,8 +48,8 @@ CHATML = (
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "cli-smoke-compile", "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa",
-                 "dpolab-fast-bf16-kahan")  # fmt: skip
+                 "cli-smoke-compile", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
+                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
@@ -301,6 +301,8 @@ def run_row(args) -> dict:
     result = {"row": args.row}
     if args.row.startswith("cli-"):
         return run_cli_row(args, world, result)
+    if args.row == "reference-prepass":
+        return run_prepass_row(args, world, result)
     from dpolab import train
     from dpolab.models import load_tokenizer
 
@@ -378,6 +380,47 @@ def run_cli_row(args, world, result) -> dict:
     return result
 
 
+PREPASS_BATCHES = (8, 16, 32)
+
+
+def run_prepass_row(args, world, result) -> dict:
+    """The reference pre-pass alone, as `dpolab train` runs it before the first step, at TRL's
+    `precompute_ref_batch_size` 8 (its default here: the training micro-batch), 16 and 32: pairs/s and peak
+    memory of each, and how far the larger batches' log-probs are from batch 8's (other packing neighbours)."""
+    import shutil
+
+    import torch
+
+    from dpolab import train
+    from dpolab.models import load_tokenizer
+
+    cache = Path(args.work) / "prepass-cache"  # computed here, never read from the other rows' cache
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["DPOLAB_CACHE"] = str(cache)
+    config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True)
+    train_pairs, _ = train.load_train_eval(config)
+    started = time.perf_counter()
+    trainer = train.build_trainer(config, world["model"], load_tokenizer(world["model"]), train_pairs, None)
+    result["setup_s"] = time.perf_counter() - started  # the first pass: loading and compiling included
+    passes, first = [], None
+    for batch in PREPASS_BATCHES:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        logps = trainer.reference_pass(trainer.train_dataset, "train", batch)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        values = logps["chosen"] + logps["rejected"]
+        first = first or values
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        passes.append({"batch": batch, "pairs_per_s": len(logps["chosen"]) / seconds, "peak_allocated_gib": peak,
+                       "max_abs_diff_vs_batch_8": max(abs(a - b) for a, b in zip(values, first))})  # fmt: skip
+    result["passes"] = passes
+    return result
+
+
 # --- the table ----------------------------------------------------------------------------------------------------
 
 
@@ -442,6 +485,12 @@ def table(rows: list[dict], layout, args) -> str:
         formats = [".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".2f", ".1f", ".1f", "d"]
         text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
         lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
+    for row in rows:
+        for one in row.get("passes", []):  # the reference-prepass row
+            peak = "-" if one["peak_allocated_gib"] is None else f"{one['peak_allocated_gib']:.2f}"
+            diff = one["max_abs_diff_vs_batch_8"]
+            lines.append(f"\nreference pre-pass at batch {one['batch']}: {one['pairs_per_s']:.1f} pairs/s, peak "
+                         f"allocated {peak} GiB, max abs diff from batch 8 {diff:.2e}")  # fmt: skip
     return "\n".join(lines)
 
 
