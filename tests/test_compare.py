@@ -55,6 +55,19 @@ def test_compare_puts_the_settings_that_differ_first_and_names_each_runs_diagnos
     assert "http://" not in page and "https://" not in page
 
 
+def test_compare_tells_a_value_not_recorded_from_a_run_not_finished(tmp_path):
+    from dpolab.compare import metric_rows
+    from dpolab.rundir import RunDir, read_run_files
+
+    runs = {name: synthetic_run(tmp_path, name, chosen_slope=0.1, loss_type=["sigmoid"]) for name in "abc"}
+    summary = {"steps": 30, "epochs": 1.0, "runtime_s": 60.0, "pairs_per_s": 4.0, "final": {}, "final_eval": {}}
+    (runs["a"] / "summary.json").write_text(json.dumps(summary | {"setup_s": 12.5}))
+    (runs["b"] / "summary.json").write_text(json.dumps(summary))  # written before dpolab recorded setup_s
+    rows = {row[0]: row[1:] for row in metric_rows({n: read_run_files(RunDir(d)) for n, d in runs.items()})}
+    assert rows["set-up (s)"] == [12.5, "not recorded", "not run"]  # c: no summary, the run did not finish
+    assert rows["runtime (s)"] == [60.0, 60.0, "not run"]
+
+
 def test_compare_errors(tmp_path, capsys):
     run = synthetic_run(tmp_path, "a", chosen_slope=0.1, loss_type=["sigmoid"])
     assert main(["compare", str(run)]) == 2

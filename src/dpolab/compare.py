@@ -95,7 +95,8 @@ def metric_rows(runs: dict[str, RunFiles]) -> list[list]:
     rows = []
     for key, label in (("steps", "steps"), ("epochs", "epochs"), ("setup_s", "set-up (s)"),
                        ("runtime_s", "runtime (s)"), ("pairs_per_s", "pairs/s while training")):  # fmt: skip
-        rows.append([label, *(summaries[run].get(key, NOT_RUN) for run in runs)])
+        # a finished run without the key: written before dpolab recorded it (setup_s: 2026-11-26)
+        rows.append([label, *(summaries[run].get(key, "not recorded" if summaries[run] else NOT_RUN) for run in runs)])
     for key in KEY_METRICS:
         rows.append([f"final {key}", *(summaries[run].get("final", {}).get(key, NOT_RUN) for run in runs)])
     for key in KEY_METRICS:
