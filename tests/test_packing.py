@@ -118,6 +118,22 @@ def test_flex_block_mask_follows_the_same_rule():
                 assert bool(tile.all())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_allowed_per_block_counts_what_the_dense_mask_allows(seed):
+    """The block counts the BlockMask is built from, without the T x T mask, against the dense rule's."""
+    rng = random.Random(seed)
+    examples = [{key: [1] * rng.randint(1, most) for key, most in zip(("prompt_ids", "chosen_ids", "rejected_ids"),
+                                                                        (90, 150, 150))} for _ in range(6)]  # fmt: skip
+    batch = packing.pack_batch(examples, max_length=rng.choice([None, 120]), pad_token_id=0,
+                               row_multiple=rng.choice([1, 64, 512]))  # fmt: skip
+    pair, segment = batch["packed_pair"][0], batch["packed_segment"][0]
+    for block in (16, 128):
+        blocks = -(-pair.numel() // block)
+        dense = torch.nn.functional.pad(packing.dense_mask(pair, segment)[0, 0], (0, blocks * block - pair.numel()) * 2)
+        expected = dense.view(blocks, block, blocks, block).sum((1, 3))
+        assert torch.equal(packing.allowed_per_block(pair, segment, block), expected), block
+
+
 @pytest.mark.parametrize("lengths", [(39, 50, 70), (3, 4, 5), (300, 500, 400)], ids=["mixed", "tiny", "long"])
 def test_block_mask_is_the_one_create_block_mask_builds(lengths):
     from torch.nn.attention.flex_attention import create_block_mask
