@@ -1,5 +1,6 @@
 """`dpolab report`: curves, diagnostics and one self-contained HTML page, checked in a real browser."""
 
+import json
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ def test_report_holds_every_section_with_images_embedded(full_run):
     assert page.count("src='data:image/png;base64,") == len(plots) + 1  # + the sweep plot
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
     assert "trl" in page and "1.16.0" in page
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert f"set-up {summary['setup_s']:.0f} s (data, model, reference pre-pass), {summary['steps']} steps" in page
 
 
 def test_report_needs_metrics(tmp_path, capsys):
