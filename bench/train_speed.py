@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-liger": {"use_liger_kernel": True},
     "dpolab-fast-sdpa": {"attn_implementation": "sdpa"},
     "dpolab-fast-bf16-kahan": {"dtype": "bfloat16"},
+    "reference-prepass": {},  # the fast path's trainer, whose pre-pass alone is timed (reference_passes)
 }
 
 
@@ -301,8 +303,6 @@ def run_row(args) -> dict:
     result = {"row": args.row}
     if args.row.startswith("cli-"):
         return run_cli_row(args, world, result)
-    if args.row == "reference-prepass":
-        return run_prepass_row(args, world, result)
     from dpolab import train
     from dpolab.models import load_tokenizer
 
@@ -311,10 +311,15 @@ def run_row(args) -> dict:
     if args.row.startswith("trl-"):  # plain TRL: its DPOTrainer, its collator, its defaults
         trainer = trl_trainer(world, args, tokenizer)
     else:  # dpolab's own trainer building, as `dpolab train` does it
+        if args.row == "reference-prepass":  # its pre-pass computed here, never read from the other rows' cache
+            os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "prepass-cache")
+            shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
         config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True, **ROW_FIELDS[args.row])
         train_pairs, _ = train.load_train_eval(config)
         trainer = train.build_trainer(config, world["model"], tokenizer, train_pairs, None)  # includes the pre-pass
     result["setup_s"] = time.perf_counter() - started
+    if args.row == "reference-prepass":
+        return result | {"passes": reference_passes(trainer, args.device)}
     if args.row == "dpolab-fast-bf16-kahan":  # bf16 weights with Kahan-compensated AdamW (torch-optimi)
         import optimi
 
@@ -383,42 +388,29 @@ def run_cli_row(args, world, result) -> dict:
 PREPASS_BATCHES = (8, 16, 32)
 
 
-def run_prepass_row(args, world, result) -> dict:
-    """The reference pre-pass alone, as `dpolab train` runs it before the first step, at TRL's
-    `precompute_ref_batch_size` 8 (its default here: the training micro-batch), 16 and 32: pairs/s and peak
-    memory of each, and how far the larger batches' log-probs are from batch 8's (other packing neighbours)."""
-    import shutil
-
+def reference_passes(trainer, device: str) -> list[dict]:
+    """The `reference-prepass` row: the reference pre-pass alone, as `dpolab train` runs it before the first step
+    (its first run, at set-up, paid loading and compiling), again at TRL's `precompute_ref_batch_size` 8 (its
+    default here: the training micro-batch), 16 and 32: pairs/s and peak memory of each, and how far the larger
+    batches' log-probs are from batch 8's (other packing neighbours)."""
     import torch
 
-    from dpolab import train
-    from dpolab.models import load_tokenizer
-
-    cache = Path(args.work) / "prepass-cache"  # computed here, never read from the other rows' cache
-    shutil.rmtree(cache, ignore_errors=True)
-    os.environ["DPOLAB_CACHE"] = str(cache)
-    config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True)
-    train_pairs, _ = train.load_train_eval(config)
-    started = time.perf_counter()
-    trainer = train.build_trainer(config, world["model"], load_tokenizer(world["model"]), train_pairs, None)
-    result["setup_s"] = time.perf_counter() - started  # the first pass: loading and compiling included
     passes, first = [], None
     for batch in PREPASS_BATCHES:
-        if args.device == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         logps = trainer.reference_pass(trainer.train_dataset, "train", batch)
-        if args.device == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         values = logps["chosen"] + logps["rejected"]
         first = first or values
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         passes.append({"batch": batch, "pairs_per_s": len(logps["chosen"]) / seconds, "peak_allocated_gib": peak,
                        "max_abs_diff_vs_batch_8": max(abs(a - b) for a, b in zip(values, first))})  # fmt: skip
-    result["passes"] = passes
-    return result
+    return passes
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
@@ -556,8 +548,6 @@ def main() -> None:
 def clear_previous_results(work: Path) -> None:
     """A second call on a warm machine reuses the work directory: its runs would make the CLI rows refuse to start
     (run directories are never overwritten) and a row that died without a result would report the last call's."""
-    import shutil
-
     shutil.rmtree(work / "runs", ignore_errors=True)
     for result in work.glob("*.json"):
         result.unlink()
