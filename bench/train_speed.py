@@ -495,6 +495,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(REQUIRED_ROWS + OPTIONAL_ROWS))
     parser.add_argument("--budget_s", type=float, default=330, help="skip optional rows past this many seconds")
     parser.add_argument("--deadline_s", type=float, default=None, help="stop all rows this many seconds in")
+    parser.add_argument("--row_cap_s", type=float, default=None, help="stop any one row this many seconds in")
     parser.add_argument("--profile", action="store_true", help="profile steps 13-16 of each row (profiles.txt)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
@@ -530,10 +531,11 @@ def main() -> None:
         row_started = time.time()
         command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--work",
                    str(work), "--out", args.out, "--row", name] + ["--profile"] * args.profile  # fmt: skip
-        finished = run_row_process(command, timeout=left)
+        caps = [cap for cap in (left, args.row_cap_s) if cap is not None]  # a hung row must not take the others' time
+        finished = run_row_process(command, timeout=min(caps, default=None))
         path = work / f"{name}.json"
         if not finished:
-            rows.append({"row": name, "error": f"stopped at the deadline after {time.time() - row_started:.0f} s"})
+            rows.append({"row": name, "error": f"stopped after {time.time() - row_started:.0f} s (deadline or cap)"})
         else:
             rows.append(json.loads(path.read_text()) if path.is_file() else {"row": name, "error": "no result"})
         rows[-1]["wall_s"] = round(time.time() - row_started, 1)
