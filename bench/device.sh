@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
 #     transformers==5.24.0 tokenizers==0.23.3 fsspec==2026.9.0
-# ROWS chooses the bench rows (see bench/train_speed.py); BUDGET_S is when optional rows stop being started,
+# PROFILE=0 leaves the profiles out. ROWS chooses the bench rows (see bench/train_speed.py); BUDGET_S is when optional rows stop being started,
 # DEADLINE_S when every row is stopped (keep it under the call's timeout: the table is written after each row),
 # ROW_CAP_S when one row is (a hung row must not take the rest's time).
 # DEVICE=cpu runs the same script here with the venv's python3 first on PATH, as a check of the script itself
@@ -30,5 +30,5 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast,dpolab-fast-compile-cudagraphs,cli-full,cli-smoke-compile,\
 reference-prepass,dpolab-fast-compile-512,cli-smoke}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
-python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" --profile --out "$OUT" --work /tmp/bench-work \
+python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $([ "${PROFILE:-1}" = 1 ] && echo --profile) --out "$OUT" --work /tmp/bench-work \
   --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-560}" --row_cap_s "${ROW_CAP_S:-240}" 2>&1 | tee "$OUT/log.txt"
