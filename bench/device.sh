@@ -27,8 +27,8 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   date -u
 } > "$OUT/machine.txt"
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast,dpolab-fast-compile-cudagraphs,cli-full,cli-smoke-compile,\
-reference-prepass,dpolab-fast-compile-512,cli-smoke}
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-b16,cli-full,\
+dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $([ "${PROFILE:-1}" = 1 ] && echo --profile) --out "$OUT" --work /tmp/bench-work \
   --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-560}" --row_cap_s "${ROW_CAP_S:-240}" 2>&1 | tee "$OUT/log.txt"

@@ -49,19 +49,25 @@ CHATML = (
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
 REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "cli-smoke-compile", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
-                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+                 "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
+                 "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
     "dpolab-fast-compile": {"torch_compile": True},  # decoder layers compiled in place (packing.compile_layers)
     "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
+    "dpolab-fast-compile-cpp-wrapper": {"torch_compile": True},  # + INDUCTOR_CONFIG below
+    # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
+    "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
     "dpolab-fast-sdpa": {"attn_implementation": "sdpa"},
     "dpolab-fast-bf16-kahan": {"dtype": "bfloat16"},
     "reference-prepass": {},  # the fast path's trainer, whose pre-pass alone is timed (reference_passes)
 }
+# inductor settings of a row: cpp_wrapper launches a compiled graph's kernels from C++ rather than Python (the
+# graphs' Python wrappers took ~32 ms of host time per step in the H100 profile of 2026-11-26)
+INDUCTOR_CONFIG = {"dpolab-fast-compile-cpp-wrapper": {"cpp_wrapper": True}}
 
 
 # --- the world: tokenizer, model, data ----------------------------------------------------------------------------
@@ -222,8 +228,12 @@ class StepProfiler:
         wall_ms = (time.perf_counter() - self.started) / self.STEPS * 1e3
         self.profiler.stop()
         averages = self.profiler.key_averages()
-        device_us = sum(getattr(event, "self_device_time_total", 0) for event in averages) / self.STEPS
-        operations = sum(event.count for event in averages if getattr(event, "self_device_time_total", 0))
+        # kernels only, as the table's "Self CUDA time total": an operator and a compiled graph's launch record
+        # carry their kernels' device time too (counting those doubled the figure in the H100 run of 2026-11-26)
+        kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA
+                   and not event.is_user_annotation]  # fmt: skip
+        device_us = sum(event.self_device_time_total for event in kernels) / self.STEPS
+        operations = sum(event.count for event in kernels)
         aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))  # nested ones too
         by_device = averages.table(
             sort_by="self_device_time_total" if self.device == "cuda" else "self_cpu_time_total", row_limit=30
@@ -312,6 +322,8 @@ def run_row(args) -> dict:
     from dpolab import train
     from dpolab.models import load_tokenizer
 
+    for name, value in INDUCTOR_CONFIG.get(args.row, {}).items():
+        setattr(torch._inductor.config, name, value)
     tokenizer = load_tokenizer(world["model"])
     started = time.perf_counter()
     if args.row.startswith("trl-"):  # plain TRL: its DPOTrainer, its collator, its defaults
@@ -341,7 +353,9 @@ def run_row(args) -> dict:
     trainer.train()
     result.update(
         first_step_s=clock.times[0] - training_started,  # includes compiling the training graph, where compiled
-        pairs_per_s=clock.pairs_per_s(8, left_out=StepProfiler.clock_left_out() if profiled else range(0)),
+        pairs_per_s=clock.pairs_per_s(
+            row_batch(args.row), left_out=StepProfiler.clock_left_out() if profiled else range(0)
+        ),
         weights_changed=changed_share(trainer.model, initial),
         losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
         num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
@@ -356,8 +370,8 @@ def run_row(args) -> dict:
 
 
 def run_cli_row(args, world, result) -> dict:
-    """`dpolab train --preset smoke|full` through train.run, as a user runs it (`cli-smoke-compile`: the smoke
-    preset with `--torch_compile true`, the evidence a compiled default for the presets would need)."""
+    """`dpolab train --preset smoke|full` through train.run, as a user runs it: on a GPU with its layers compiled
+    (train.choose_torch_compile); `cli-smoke-eager`: the smoke preset with `--torch_compile false`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -369,7 +383,7 @@ def run_cli_row(args, world, result) -> dict:
             str(Path(args.work) / "runs"), "--run_name", args.row, "--train_sampling_strategy", "sequential",
             "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
     argv += ["--max_steps", str(args.steps)] if preset == "smoke" else ["--max_steps", "12", "--gpu_memory_gib", "24"]
-    argv += ["--torch_compile", "true"] if variant == "compile" else []
+    argv += ["--torch_compile", "false"] if variant == "eager" else []
     started = time.perf_counter()
     summary = train.run(parse_train_args(argv))
     wall_s = time.perf_counter() - started
@@ -422,12 +436,19 @@ def reference_passes(trainer, device: str) -> list[dict]:
 # --- the table ----------------------------------------------------------------------------------------------------
 
 
-def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: int = 8) -> float | None:
-    """`dpolab plan`'s peak reserved (GiB) for a row, for the largest micro-batch the row really ran."""
+def row_batch(row: str) -> int:
+    """Pairs per step (one micro-batch) of a bench row."""
+    return ROW_FIELDS.get(row, {}).get("per_device_train_batch_size", 8)
+
+
+def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float | None:
+    """`dpolab plan`'s peak reserved (GiB) for a row, for the largest micro-batch the row really ran (the sequential
+    sampler starts the data again after its last pair)."""
     from dpolab import packing, plan
 
     model = plan.model_shape(row["model"])
-    batches = [layout[i : i + batch] for i in range(0, steps * batch, batch)]
+    batch = row_batch(row["row"])
+    batches = [layout[i : i + batch] for i in range(0, min(steps * batch, len(layout) - batch + 1), batch)]
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
     elif row["row"].startswith("dpolab-fast"):
@@ -440,7 +461,8 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int, batch: in
         return None
     shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
                           weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
-                          precompute_ref=row["row"] != "trl-default", tokens=tokens)  # fmt: skip
+                          precompute_ref=row["row"] != "trl-default", tokens=tokens,
+                          compiled=ROW_FIELDS.get(row["row"], {}).get("torch_compile", False))  # fmt: skip
     return plan.peak_reserved(model, shape) / 2**30
 
 
@@ -468,9 +490,10 @@ def table(rows: list[dict], layout, args) -> str:
             continue
         rate = row.get("pairs_per_s") or row.get("pairs_per_s_train_loop")
         mfu = 100 * rate * tokens_per_pair * 8 * params / (peak * 1e12) if params and peak and rate else None
-        ratio = row["pairs_per_s"] / base["pairs_per_s"] if base and row.get("pairs_per_s") else None
+        same_workload = base and row_batch(row["row"]) == 8  # a batch-16 row trains other steps
+        ratio = row["pairs_per_s"] / base["pairs_per_s"] if same_workload and row.get("pairs_per_s") else None
         diff = None
-        if base and row.get("losses"):
+        if same_workload and row.get("losses"):
             diff = max(abs(a - b) for a, b in zip(row["losses"], base["losses"]))
         if row.get("losses"):
             plan_gib = planned({**row, "model": args.model_dir}, layout, args.steps)

@@ -79,6 +79,11 @@ def test_memory_components_by_hand():
     # q and attention output 2*2*8 = 32; k and v 2*2*4 = 16; MLP 4*2*16 = 128
     assert activation_bytes_per_token_layer(tiny) == 304
     assert activation_bytes_per_token_layer(tiny, residual_bytes=4) == 304 + 2 * 2 * 8  # float32 norm outputs
+    # compiled layers (inductor recomputes pointwise results): each norm keeps its fp32 input and the next
+    # projection's bf16 input, 2*(4*8 + 2*8) = 96; attention as eager, 48; the MLP gate and up only, 2*2*16 = 64
+    assert activation_bytes_per_token_layer(tiny, residual_bytes=4, compiled=True) == 208
+    compiled = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, compiled=True, tokens=40))
+    assert compiled["activations (all layers kept, 40 tokens, compiled layers)"] == 40 * 2 * 208
     run = RunShape(batch=3, max_length=10, accumulation=1, checkpointing=False, weight_bytes=2)
     parts = estimate(tiny, run)
     tokens = 2 * 3 * 10  # worst case: chosen and rejected rows max_length long
@@ -132,6 +137,11 @@ def test_plan_command_for_the_full_preset(capsys):
     out = capsys.readouterr().out
     assert "494M parameters" in out and "LM head: fp32 logits tile" in out and "bf16 weight copies" in out
     assert "fits 24 GiB" in out and "recommended for 24 GiB (same global batch 16)" in out
+    assert "compiled layers on" in out  # what `dpolab train` does on a GPU (train.choose_torch_compile)
+    assert main(["plan", "--preset", "full", "--torch_compile", "false"]) == 0
+    assert "compiled layers off" in capsys.readouterr().out
+    assert main(["plan", "--preset", "lora"]) == 0
+    assert "compiled layers off" in capsys.readouterr().out  # not measured with LoRA: train leaves it off
     assert main(["plan", "--preset", "full", "--gpu_memory_gib", "80"]) == 0
     assert "--per_device_train_batch_size 16 --gradient_accumulation_steps 1" in capsys.readouterr().out
     assert main(["plan", "--model_name_or_path", "someone/unknown-model"]) == 2

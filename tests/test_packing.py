@@ -411,3 +411,78 @@ def test_torch_compile_on_the_fast_path_logs_the_eager_losses(tmp_path, tiny_con
     assert weights[0].keys() == weights[1].keys() and weights[0]  # the same names: nothing added by compiling
     for name, value in weights[1].items():
         assert torch.allclose(weights[0][name], value, atol=1e-5), name
+
+
+def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path, tiny_config, monkeypatch, capsys):
+    """train.choose_torch_compile on a pretend CUDA machine: on by default for the fast path's full fine-tuning;
+    a given torch_compile, LoRA, another attention and a missing Triton keep it off, saying why; the CPU: off."""
+    import importlib.util
+
+    from dpolab import train
+    from dpolab.config import parse_train_args
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = str(tiny_config(data))
+
+    def chosen(*flags, cuda=True, triton=True):
+        settings = parse_train_args(["--config", config, *flags])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        real_find_spec = importlib.util.find_spec
+        fake = lambda name, *a: (object() if triton else None) if name == "triton" else real_find_spec(name, *a)  # noqa: E731
+        monkeypatch.setattr(importlib.util, "find_spec", fake)
+        train.choose_torch_compile(settings)
+        monkeypatch.undo()
+        return settings.training.torch_compile, capsys.readouterr().out
+
+    assert chosen() == (True, "torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).\n")
+    assert chosen("--torch_compile", "false") == (False, "")  # the user's word stands, silently
+    assert chosen(cuda=False) == (False, "")  # CPU: compiling costs minutes for a few percent
+    assert chosen("--use_peft", "true") == (
+        False,
+        "torch_compile: off (not measured with LoRA or quantized weights).\n",
+    )
+    assert chosen("--attn_implementation", "sdpa") == (
+        False,
+        "torch_compile: off (measured with flex_attention, not sdpa).\n",
+    )
+    assert chosen("--fast_path", "false") == (False, "torch_compile: off (fast_path is off).\n")
+    assert chosen(triton=False) == (False, "torch_compile: off (Triton is not installed).\n")
+
+
+def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
+    """A model the fast path cannot pack gets TRL's padded batches; the compile default, chosen for the fast path,
+    goes with it (accelerate's whole-model compile was never measured) and the trainer is told torch_compile off."""
+    from dpolab import train
+    from dpolab.config import parse_train_args
+    from dpolab.models import load_tokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = parse_train_args(["--config", str(tiny_config(data, max_steps=1))])
+    config.training.torch_compile = True  # as choose_torch_compile sets it on a GPU
+    monkeypatch.setattr(packing, "unsupported_reason", lambda *args: "a model the fast path cannot pack")
+    train_pairs, _ = train.load_train_eval(config)
+    trainer = train.build_trainer(config, str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), train_pairs, None)
+    out = capsys.readouterr().out
+    assert "Fast path off: a model the fast path cannot pack." in out
+    assert "torch_compile: off (the fast path's default, and the fast path is off)." in out
+    assert trainer.args.torch_compile is False and trainer.data_collator.__class__.__module__.startswith("trl")
+
+
+def test_cuda_graph_modes_on_compiled_layers_are_warned(tiny_model_dir, tmp_path, tiny_config, monkeypatch, capsys):
+    """reduce-overhead around each compiled layer ran 10x slower on an H100 (bench/RESULTS.md): say so."""
+    from transformers import AutoModelForCausalLM
+
+    from dpolab import train
+    from dpolab.config import parse_train_args
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = parse_train_args(["--config", str(tiny_config(data)), "--torch_compile", "true",
+                               "--torch_compile_mode", "reduce-overhead"])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    train.compile_decoder_layers(model, config.training)
+    assert "WARNING" not in capsys.readouterr().err  # the CPU records no CUDA graphs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train.compile_decoder_layers(model, config.training)
+    err = capsys.readouterr().err
+    assert "torch_compile_mode reduce-overhead records CUDA graphs around each compiled layer" in err
+    assert "Leave torch_compile_mode unset." in err

@@ -42,6 +42,7 @@ def run(config: TrainConfig) -> dict:
     print(describe_data(train_pairs, eval_pairs), flush=True)
     lengths = check_tokens(config, tokenizer, train_pairs)
     choose_reference_pass(config, len(train_pairs.dataset))
+    choose_torch_compile(config)
     fitted = fit_to_memory(config, model_path, lengths)
     if process.is_main_process:
         record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
@@ -165,6 +166,43 @@ def choose_reference_pass(config: TrainConfig, train_pairs: int) -> None:
               "pre-pass would score all of them).", flush=True)  # fmt: skip
 
 
+def compile_off_reason(config: TrainConfig) -> str | None:
+    """Why these settings keep the fast path's default of compiled decoder layers off (None: they take it). Only
+    what was measured: full fine-tuning on one GPU, packed rows, FlexAttention (bench/RESULTS.md)."""
+    training, model = config.training, config.model
+    if not config.script.fast_path:
+        return "fast_path is off"
+    if training.truncation_mode != "keep_start":
+        return "the fast path needs truncation_mode keep_start"
+    if model.use_peft or model.load_in_4bit or model.load_in_8bit:
+        return "not measured with LoRA or quantized weights"
+    if training.deepspeed or training.fsdp or training.world_size > 1:
+        return "not measured on several GPUs"
+    if model.attn_implementation not in (None, "flex_attention"):  # None: the fast path takes FlexAttention on CUDA
+        return f"measured with flex_attention, not {model.attn_implementation}"
+    return None
+
+
+def choose_torch_compile(config: TrainConfig) -> None:
+    """On a CUDA GPU the fast path compiles its decoder layers unless `torch_compile` was given: on an H100 that
+    was 6.0x TRL's default against ~4x eager, with losses within the bench's 1e-2 of TRL's and 3.4 GiB less
+    memory (bench/RESULTS.md). On the CPU compiling costs minutes for a few percent: off."""
+    import importlib.util
+
+    import torch
+
+    if "torch_compile" in config.given or not torch.cuda.is_available():
+        return
+    reason = compile_off_reason(config)
+    if reason is None and importlib.util.find_spec("triton") is None:
+        reason = "Triton is not installed"
+    if reason is not None:
+        print(f"torch_compile: off ({reason}).", flush=True)
+        return
+    config.training.torch_compile = True
+    print("torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).", flush=True)
+
+
 def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), for the tokens
     this data puts in a micro-batch, keeping the global batch. Sets them in the config and says what it chose."""
@@ -277,6 +315,10 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
                 trainer_args = compile_decoder_layers(model, training)
         else:
             print(f"Fast path off: {reason}.")
+            if training.torch_compile and "torch_compile" not in config.given:  # the default was the fast path's
+                trainer_args = copy.copy(training)
+                trainer_args.torch_compile = False
+                print("torch_compile: off (the fast path's default, and the fast path is off).")
     arguments = dict(
         model=model,
         args=trainer_args,
@@ -322,11 +364,18 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
 def compile_decoder_layers(model, training):
     """TRL's `torch_compile` on the fast path: dpolab compiles the decoder layers in place (`packing.compile_layers`
     says why) and returns the training arguments the trainer gets, without accelerate's whole-model compile."""
+    import torch
+
     from dpolab import packing
 
     if training.distributed_state.distributed_type in ("DEEPSPEED", "FSDP"):  # accelerate compiles after sharding
         print("torch_compile: left to accelerate (sharded weights are compiled after they are wrapped)")
         return training
+    if training.torch_compile_mode in packing.CUDA_GRAPH_MODES and torch.cuda.is_available():
+        print(f"WARNING: torch_compile_mode {training.torch_compile_mode} records CUDA graphs around each compiled "
+              "layer, which ran at 7.5 pairs/s against 71.8 without them on an H100 (PyTorch leaves its fast path "
+              "while backward passes are pending; bench/RESULTS.md). Leave torch_compile_mode unset.",
+              file=sys.stderr, flush=True)  # fmt: skip
     layers = packing.compile_layers(model, training.torch_compile_backend, training.torch_compile_mode)
     print(f"torch_compile: {layers} decoder layers compiled in place ({training.torch_compile_backend}, mode "
           f"{training.torch_compile_mode or 'default'}, dynamic shapes); compiling takes the first steps")  # fmt: skip
