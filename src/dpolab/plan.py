@@ -10,8 +10,8 @@ the weights, their bf16 copies under autocast, AdamW's two states, the gradients
 accumulation keeps them between micro-batches, else the LM head's, allocated first), the reference model
 when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
 fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
-allocator's slack. Measured on an H100 (bench/RESULTS.md): within -7%..+13% of peak reserved for TRL's
-default, dpolab's fast path and the smoke and full presets.
+allocator's slack. Measured on an H100 (bench/RESULTS.md): within -7%..+14% of peak reserved for TRL's
+default, dpolab's fast path (eager and with compiled layers) and the smoke and full presets.
 """
 
 from __future__ import annotations
