@@ -206,12 +206,15 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.path, self.row, self.device, self.started = path, row, device, None
         self.profiler = torch.profiler.profile(activities=activities)
+        self.syncs = SyncCounter()
         profiler = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step + 1 == profiler.FIRST:
                     profiler.profiler.start()
+                    if device == "cuda":
+                        profiler.syncs.start()
                     profiler.started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -227,6 +230,7 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - self.started) / self.STEPS * 1e3
         self.profiler.stop()
+        syncs = self.syncs.stop()
         averages = self.profiler.key_averages()
         # kernels only, as the table's "Self CUDA time total": an operator and a compiled graph's launch record
         # carry their kernels' device time too (counting those doubled the figure in the H100 run of 2026-11-26)
@@ -247,7 +251,49 @@ class StepProfiler:
                 f"{device_us / 1e3:.1f} ms of device time per step, ~{operations // self.STEPS} device operations "
                 f"and ~{aten_calls // self.STEPS} aten operator calls per step\n\n"
                 f"By device time:\n{by_device}\n\nBy host time:\n{by_host}\n\nBy calls:\n{by_calls}\n\n"
+                f"Host waits for the device (synchronizing calls per step, by Python caller):\n{syncs}\n\n"
             )
+
+
+class SyncCounter:
+    """Where the host waits for the GPU: `torch.cuda.set_sync_debug_mode("warn")` warns at every synchronizing
+    call (`.item()`, a copy to the host, ...), from the Python line that made it; counted by that line. Each such
+    wait drains the queue, so the GPU idles while the host prepares what follows: the step stops overlapping."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        import collections
+
+        self.counts, self.previous = collections.Counter(), None
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        warnings.filterwarnings("always", message=self.MESSAGE)
+        self.previous = warnings.showwarning
+        warnings.showwarning = self.record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.MESSAGE in str(message):
+            self.counts[f"{'/'.join(Path(filename).parts[-3:])}:{lineno}"] += 1
+        else:
+            self.previous(message, category, filename, lineno, file, line)
+
+    def stop(self, steps: int = StepProfiler.STEPS) -> str:
+        """The counts per step, most first ("not counted" where it never started: the CPU)."""
+        import warnings
+
+        if self.previous is None:
+            return "not counted"
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = self.previous
+        return "\n".join(f"{count / steps:6.1f}  {caller}" for caller, count in self.counts.most_common(25)) or "none"
 
 
 def compiled_graphs() -> dict:
