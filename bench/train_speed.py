@@ -12,8 +12,9 @@ policy's forward and backward, 2N for the reference), N = all parameters, over t
 
 Rows: TRL's default (float32 weights + bf16 autocast, activation checkpointing, reference forward every step,
 padded batches); dpolab's fast path (the same float32 master weights, pairs packed with each prompt computed
-once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing) and variants; `dpolab train
---preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code. Every row records the share
+once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing, decoder layers compiled as
+`dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers); `dpolab
+train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code. Every row records the share
 of weights its updates changed, its peak memory, and its per-step losses (compared with TRL's default).
 
 Faster must not mean different: the fast path's per-step loss must match TRL's default on the same data.
@@ -47,8 +48,10 @@ CHATML = (
 )
 # Letters only: Qwen2's tokenizer splits digits one by one, whatever tokenizer.json says.
 WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(3000)]
-REQUIRED_ROWS = ("trl-default", "dpolab-fast", "cli-smoke", "cli-full")
-OPTIONAL_ROWS = ("dpolab-fast-compile", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
+# The issue's side by side (TRL's default, the fast path as `dpolab train` runs it on CUDA: compiled layers) and the
+# full preset's memory; then the rest, each started only before --budget_s
+REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
+OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
                  "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
