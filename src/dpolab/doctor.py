@@ -97,8 +97,13 @@ def compile_check(cuda: bool, *, has_triton: bool, cxx: str | None) -> Check:
     name = "torch_compile"
     if cuda:
         if has_triton:
-            return Check(name, OK, "inductor can compile (Triton installed)")
-        return Check(name, WARN, "Triton is missing: --torch_compile true would fail", "pip install triton")
+            return Check(name, OK, "inductor can compile (Triton installed): the fast path compiles its layers")
+        return Check(
+            name,
+            WARN,
+            "Triton is missing: the fast path runs uncompiled (slower) and --torch_compile true would fail",
+            "pip install triton",
+        )
     if cxx:
         return Check(name, OK, f"inductor can compile for the CPU ({cxx})")
     return Check(name, WARN, "no C++ compiler (g++ or $CXX): --torch_compile true would fail on the CPU",
