@@ -243,11 +243,11 @@ class StepProfiler:
     def write(self) -> None:
         import torch
 
+        syncs = self.syncs.stop()  # before the synchronize below, which would count
         if self.device == "cuda":
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - self.started) / self.STEPS * 1e3
         self.profiler.stop()
-        syncs = self.syncs.stop()
         averages = self.profiler.key_averages()
         # kernels only, as the table's "Self CUDA time total": an operator and a compiled graph's launch record
         # carry their kernels' device time too (counting those doubled the figure in the H100 run of 2026-11-26)
