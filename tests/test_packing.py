@@ -486,3 +486,33 @@ def test_cuda_graph_modes_on_compiled_layers_are_warned(tiny_model_dir, tmp_path
     err = capsys.readouterr().err
     assert "torch_compile_mode reduce-overhead records CUDA graphs around each compiled layer" in err
     assert "Leave torch_compile_mode unset." in err
+
+
+@pytest.mark.parametrize("stage", ["pre-pass", "training"])
+def test_a_failed_compile_is_one_message_saying_how_to_train_without_it(tmp_path, tiny_config, monkeypatch, capsys,
+                                                                          stage):  # fmt: skip
+    """Inductor, Triton or the C compiler failing (here: pretended) ends the run with the cause and the flag that
+    trains without compiling; a failure in the reference pre-pass leaves no run directory behind."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from trl import DPOTrainer
+
+    from dpolab import train
+
+    def fail(*args, **kwargs):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("failed to find a C compiler\nits second line"), None)
+
+    if stage == "pre-pass":
+        monkeypatch.setattr(train, "build_trainer", fail)
+    else:
+        monkeypatch.setattr(DPOTrainer, "train", fail)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = str(tiny_config(data, precompute_ref_log_probs=True))
+    assert main(["train", "--config", config, "--torch_compile", "true", "--torch_compile_backend", "aot_eager"]) == 2
+    message = capsys.readouterr().err
+    assert "torch_compile (as set) could not compile the model: RuntimeError: failed to find a C compiler" in message
+    assert "its second line" not in message and "Traceback" not in message
+    if stage == "pre-pass":
+        assert "Train without it: the same command plus --torch_compile false." in message
+        assert not (tmp_path / "runs" / "tiny").exists()  # a run that never started leaves nothing
+    else:
+        assert "no checkpoint was saved yet: start again with another --run_name and --torch_compile false" in message

@@ -275,11 +275,16 @@ def start_run_directory(run_dir: RunDir, config: TrainConfig, provenance: dict, 
 
 
 def build_trainer_or_clean_up(config, run_dir: RunDir, model_path, tokenizer, train_pairs, eval_pairs, process):
+    from torch._dynamo.exc import BackendCompilerFailed
+
     try:
         return build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
-    except DpolabError:
+    except (DpolabError, BackendCompilerFailed) as error:
         if not config.script.resume and process.is_main_process:  # a run that never started leaves nothing
             shutil.rmtree(run_dir.path, ignore_errors=True)
+        if isinstance(error, BackendCompilerFailed):  # the reference pre-pass ran the compiled layers
+            message = compile_failed_message(error, "the same command plus --torch_compile false", config)
+            raise DpolabError(message) from None
         raise
 
 
@@ -449,6 +454,14 @@ def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: st
             train_output = trainer.train(resume_from_checkpoint=resume_from)
         except torch.OutOfMemoryError:
             raise DpolabError(out_of_memory_message(trainer, run_dir, config)) from None
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            last = run_dir.last_complete_checkpoint()
+            then = (
+                f"resume from {last} with the same command plus --resume --torch_compile false"
+                if last
+                else "no checkpoint was saved yet: start again with another --run_name and --torch_compile false"
+            )
+            raise DpolabError(compile_failed_message(error, then, config)) from None
     if guard.non_finite is None and not weights_finite(trainer.model):  # checked before final/ is written
         guard.non_finite = (trainer.state.global_step, "weights", float("nan"))
     if guard.skipped_steps:
@@ -582,6 +595,16 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
         f"that needs about half the activation memory, same global batch: {setting}; {resume}. `dpolab plan "
         f"--config {run_dir.config_file} --gpu_memory_gib N` shows the components."
     )
+
+
+def compile_failed_message(error, then: str, config: TrainConfig) -> str:
+    """torch.compile could not compile the decoder layers (inductor, Triton or the C compiler): what failed and
+    how to train without compiling (`then`)."""
+    chosen = "as set" if "torch_compile" in config.given else "on by default for the CUDA fast path"
+    inner = getattr(error, "inner_exception", None) or error  # torch's wrapper names the backend, the inner the cause
+    cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+    return (f"torch_compile ({chosen}) could not compile the model: {cause}\nTrain without it: {then}. `dpolab "
+            "doctor` checks what compiling needs (Triton on a GPU, a C++ compiler on the CPU).")  # fmt: skip
 
 
 def evaluated_at(log_history: list[dict], step: int) -> bool:
