@@ -426,12 +426,12 @@ def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path
 
     def chosen(*flags, cuda=True, triton=True):
         settings = parse_train_args(["--config", config, *flags])
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         real_find_spec = importlib.util.find_spec
         fake = lambda name, *a: (object() if triton else None) if name == "triton" else real_find_spec(name, *a)  # noqa: E731
-        monkeypatch.setattr(importlib.util, "find_spec", fake)
-        train.choose_torch_compile(settings)
-        monkeypatch.undo()
+        with monkeypatch.context() as patched:  # only around the choice: the fixtures' patches stay
+            patched.setattr(torch.cuda, "is_available", lambda: cuda)
+            patched.setattr(importlib.util, "find_spec", fake)
+            train.choose_torch_compile(settings)
         return settings.training.torch_compile, capsys.readouterr().out
 
     assert chosen() == (True, "torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).\n")
