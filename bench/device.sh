@@ -5,9 +5,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
 #     transformers==5.24.0 tokenizers==0.23.3 fsspec==2026.9.0
-# PROFILE=0 leaves the profiles out. ROWS chooses the bench rows (see bench/train_speed.py); BUDGET_S is when optional rows stop being started,
+# ROWS chooses the bench rows (see bench/train_speed.py); BUDGET_S is when optional rows stop being started,
 # DEADLINE_S when every row is stopped (keep it under the call's timeout: the table is written after each row),
-# ROW_CAP_S when one row is (a hung row must not take the rest's time).
+# ROW_CAP_S when one row is (a hung row must not take the rest's time); PROFILE=0 leaves the profiles out.
 # DEVICE=cpu runs the same script here with the venv's python3 first on PATH, as a check of the script itself
 # (a 2-layer model, 20 steps).
 set -euo pipefail
@@ -31,5 +31,7 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-b16,\
 dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
-python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $([ "${PROFILE:-1}" = 1 ] && echo --profile) --out "$OUT" --work /tmp/bench-work \
-  --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-560}" --row_cap_s "${ROW_CAP_S:-240}" 2>&1 | tee "$OUT/log.txt"
+PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)
+python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $PROFILE_FLAG --out "$OUT" --work /tmp/bench-work \
+  --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-560}" --row_cap_s "${ROW_CAP_S:-240}" \
+  2>&1 | tee "$OUT/log.txt"

@@ -510,22 +510,19 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
     from dpolab import packing, plan
 
     model = plan.model_shape(row["model"])
-    batch = row_batch(row["row"])
+    fields, batch = ROW_FIELDS.get(row["row"], {}), row_batch(row["row"])
+    compiled = fields.get("torch_compile", False)
     batches = [layout[i : i + batch] for i in range(0, min(steps * batch, len(layout) - batch + 1), batch)]
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
     elif row["row"].startswith("dpolab-fast"):
-        fields = ROW_FIELDS[row["row"]]
-        multiple = packing.row_multiple(
-            fields.get("torch_compile", False), fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of")
-        )
+        multiple = packing.row_multiple(compiled, fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of"))
         tokens = max(-(-sum(p + c + r for p, c, r in b) // multiple) * multiple for b in batches)
     else:
         return None
     shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
                           weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
-                          precompute_ref=row["row"] != "trl-default", tokens=tokens,
-                          compiled=ROW_FIELDS.get(row["row"], {}).get("torch_compile", False))  # fmt: skip
+                          precompute_ref=row["row"] != "trl-default", tokens=tokens, compiled=compiled)  # fmt: skip
     return plan.peak_reserved(model, shape) / 2**30
 
 
