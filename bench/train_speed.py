@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,9 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 # full preset's memory; then the rest, each started only before --budget_s
 REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
-                 "trl-bf16-precompute", "dpolab-fast-liger", "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+                 "dpolab-fast-compile-host-waits", "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-b16",
+                 "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
+                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
@@ -61,6 +63,9 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
     "dpolab-fast-compile-cpp-wrapper": {"torch_compile": True},  # + INDUCTOR_CONFIG below
+    # the step as it was before the metrics stayed on the GPU: TRL's own loss and metrics (17 reads of device values
+    # per step) and transformers' NaN filter (2 more), to measure what the host's waits cost side by side
+    "dpolab-fast-compile-host-waits": {"torch_compile": True, "logging_nan_inf_filter": True},
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -401,6 +406,10 @@ def run_row(args) -> dict:
     result["setup_s"] = time.perf_counter() - started
     if args.row == "reference-prepass":
         return result | {"passes": reference_passes(trainer, args.device)}
+    if args.row == "dpolab-fast-compile-host-waits":  # TRL's compute_loss, as before the metrics stayed on the GPU
+        from trl import DPOTrainer
+
+        trainer.compute_loss = types.MethodType(DPOTrainer.compute_loss, trainer)
     if args.row == "dpolab-fast-bf16-kahan":  # bf16 weights with Kahan-compensated AdamW (torch-optimi)
         import optimi
 

@@ -244,6 +244,102 @@ def test_flex_attention_scores_equal_trls_padded_ones(tmp_path, tiny_model_dir):
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (got - expected).abs().max()
 
 
+class HostWaits:
+    """Counts the operators that make the host wait for a CUDA device (a value or a size read on the host), as
+    bench/host_ops.py does, while active: `.item()`/`if t` (_local_scalar_dense), nonzero, boolean indexing."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.count = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                boolean_index = str(func) in ("aten.index.Tensor", "aten.index_put_.default") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+                )
+                counter.count += func._opname in ("_local_scalar_dense", "nonzero", "masked_select") or boolean_index
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+                                       {"loss_type": ["ipo"], "ld_alpha": 0.5}],
+                         ids=["sigmoid", "sigmoid+sft", "ipo-ld_alpha"])  # fmt: skip
+def test_the_packed_step_computes_trls_loss_metrics_and_gradients_without_host_waits(
+    tmp_path, tiny_model_dir, overrides
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dpolab.data import load_pairs
+
+    pairs = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))))
+    args = DPOConfig(output_dir=str(tmp_path / "o"), bf16=False, max_length=40, report_to=[], beta=0.5,
+                     precompute_ref_log_probs=True, **overrides)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    packing.install(model)
+    precision = {"dtype": "float32", "bf16": False, "fp16": False, "ld_alpha": args.ld_alpha}
+    trainer = packing.reference_trainer_class()(
+        model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer,
+        reference_path=str(tiny_model_dir), precision=precision,
+    )  # fmt: skip
+    examples = [dict(example) for example in trainer.train_dataset]
+    for example in examples[::2]:  # the policy is the reference: move the references so the margins differ
+        example["ref_chosen_logps"] -= 3.0
+    batch = packing.pack_batch(examples, 40, tokenizer.pad_token_id)
+    trainer.model.train()
+    results = []
+    for compute_loss in (DPOTrainer.compute_loss, type(trainer).compute_loss):  # TRL's, then dpolab's
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        waits = HostWaits()
+        with waits.mode:
+            loss = compute_loss(trainer, trainer.model, batch)
+        loss.backward()
+        trainer.log({})  # reads the metrics kept on the device
+        logged = trainer.state.log_history.pop()
+        results.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()], logged, waits.count))
+    (trl_loss, trl_grads, trl_logged, trl_waits), (loss, grads, logged, waits) = results
+    assert loss == pytest.approx(trl_loss, abs=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(trl_grads, grads)) < 1e-6
+    assert set(logged) == set(trl_logged)
+    assert {"rewards/margins", "logps/chosen", "logits/rejected", "entropy", "mean_token_accuracy"} < set(logged)
+    for key, value in trl_logged.items():
+        assert logged[key] == pytest.approx(value, abs=1e-6), key
+    assert trl_logged["rewards/accuracies"] not in (0.0, 1.0)  # the metrics see a mixed batch
+    assert trl_waits >= 15 and waits == 0
+
+
+def test_the_packed_step_keeps_trls_loss_where_it_needs_what_it_does_not_compute(tmp_path, tiny_model_dir):
+    """WPO weights (`use_weighting`) need TRL's per-token sums of squared probabilities: TRL's own loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from dpolab.data import load_pairs
+
+    pairs = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 4))))
+    args = DPOConfig(output_dir=str(tmp_path / "o"), bf16=False, max_length=40, report_to=[],
+                     precompute_ref_log_probs=True, use_weighting=True)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    packing.install(model)
+    precision = {"dtype": "float32", "bf16": False, "fp16": False, "ld_alpha": None}
+    trainer = packing.reference_trainer_class()(
+        model=model, args=args, train_dataset=pairs.dataset, reference_path=str(tiny_model_dir),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), precision=precision,
+    )  # fmt: skip
+    batch = packing.pack_batch([dict(e) for e in trainer.train_dataset], 40, trainer.processing_class.pad_token_id)
+    waits = HostWaits()
+    with waits.mode:
+        trainer.compute_loss(trainer.model, batch)
+    assert waits.count >= 15  # TRL's metrics, read on the host as it computes them
+    assert all(isinstance(values[0], float) for values in trainer._metrics["train"].values())
+
+
 def losses(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -260,7 +356,9 @@ def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, ov
     fast, padded = losses(tmp_path / "runs" / "fast"), losses(tmp_path / "runs" / "padded")
     assert len(fast) == len(padded) == 4
     for a, b in zip(fast, padded, strict=True):  # four Adam steps at lr 5e-3: float noise stays below 1e-4
-        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "num_tokens"):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
+                    "mean_token_accuracy", "num_tokens"):  # fmt: skip
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
     assert fast[-1]["rewards/margins"] != fast[0]["rewards/margins"]  # it learned
 

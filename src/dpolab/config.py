@@ -50,10 +50,13 @@ RENAMED_KEYS = {
     "output_dir": "dpolab writes every run to `runs_dir`/`run_name`: set those instead of `output_dir`",
 }
 
-# dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked, and
+# dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked;
 # reference log-probs are computed once, before training (and cached), not in every step, unless the run sees only a
-# part of its data (train.choose_reference_pass decides when the field is not given).
-DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True}
+# part of its data (train.choose_reference_pass decides when the field is not given); a NaN loss is logged as NaN,
+# which stops the run (callbacks.RunGuard), instead of transformers' `logging_nan_inf_filter` testing every step's
+# loss on the host, which waits for the GPU to finish the step's backward pass before the next step is queued.
+DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True,
+                   "logging_nan_inf_filter": False}  # fmt: skip
 
 
 @dataclass

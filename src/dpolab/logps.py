@@ -120,7 +120,7 @@ def batch_loss(
     )
     delta = chosen_scores - rejected_scores
     chosen_count, rejected_count = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
-    total = torch.zeros((), dtype=policy_chosen.dtype)
+    total = torch.zeros((), dtype=policy_chosen.dtype, device=policy_chosen.device)
     for loss_type, weight in zip(loss_types, weights, strict=True):
         if loss_type == "sigmoid":
             per_pair = -F.logsigmoid(beta * delta)
@@ -129,7 +129,7 @@ def batch_loss(
         elif loss_type == "ipo":  # TRL normalises IPO's scores per completion token
             per_pair = (chosen_scores / chosen_count - rejected_scores / rejected_count - 1 / (2 * beta)) ** 2
         elif loss_type == "exo_pair":
-            epsilon = torch.tensor(label_smoothing, dtype=delta.dtype)
+            epsilon = torch.tensor(label_smoothing, dtype=delta.dtype, device=delta.device)
             per_pair = torch.sigmoid(beta * delta) * (
                 F.logsigmoid(beta * delta) - torch.log1p(-epsilon)
             ) + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(epsilon))

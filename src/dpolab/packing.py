@@ -319,6 +319,83 @@ def reference_trainer_class():
             self.reference_path, self.reference_precision = reference_path, precision
             super().__init__(*args, **kwargs)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """A packed batch with precomputed reference log-probs: TRL's loss and metrics without waiting for the
+            device (`loss_without_waits`). Anything else: TRL's own."""
+            if return_outputs or "packed_input_ids" not in inputs or "ref_chosen_logps" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.use_weighting or self.aux_loss_enabled:  # WPO weights and MoE router losses: TRL's
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self.loss_without_waits(model, inputs)
+
+        def loss_without_waits(self, model, inputs):
+            """TRL 1.16 `DPOTrainer._compute_loss` for a batch whose reference log-probs are precomputed: the same
+            forward (TRL's fused LM head), loss (`logps.batch_loss`, pinned to TRL's) and metrics, each metric kept
+            on the device until `log` reads them all at once. TRL's own calls `.item()` or tests a device value 17
+            times in every step (bench/host_ops.py): each time the host waits for the device, so the next kernels
+            are queued only once the device has run dry (tests/test_packing.py pins the values to TRL's)."""
+            from dpolab.logps import batch_loss, length_weighted_logps
+
+            mode = "train" if self.model.training else "eval"
+            completion_mask = inputs["completion_mask"]
+            shifted_mask = completion_mask[:, 1:]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            not_model_inputs = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+            model_inputs = {key: value for key, value in inputs.items() if key not in not_model_inputs}
+            outputs = model(**model_inputs, use_cache=False, labels=labels, fused_lm_head=True)
+            length = shifted_mask.size(1)
+            logps, plain_logps, tokens = length_weighted_logps(
+                outputs.log_probs[:, -length:], shifted_mask, self.ld_alpha
+            )
+            chosen, rejected = logps.chunk(2)
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            loss = batch_loss(
+                self.loss_types, self.loss_weights, self.beta, chosen, rejected, ref_chosen, ref_rejected,
+                *tokens.chunk(2), self.label_smoothing, f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
+                policy_chosen_unweighted=plain_logps.chunk(2)[0],
+            )  # fmt: skip
+
+            # The metrics as TRL computes them, with `x if count > 0 else 0.0` as a torch.where
+            metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
+            mask = shifted_mask
+            entropy_sum = gather((outputs.entropy[:, -length:].detach() * mask).sum()).sum()
+            count = gather(mask.sum()).sum()
+            metrics["entropy"].append(torch.where(count > 0, entropy_sum / count, 0.0))
+            if mode == "train":
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum() // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+            chosen_mask, rejected_mask = mask.chunk(2)
+            mean_logits = outputs.mean_logits[:, -length:].chunk(2)
+            for name, logits, answer_mask in zip(("logits/chosen", "logits/rejected"), mean_logits,
+                                                 (chosen_mask, rejected_mask)):  # fmt: skip
+                total, count = gather((logits * answer_mask).sum()).sum(), gather(answer_mask.sum()).sum()
+                metrics[name].append(torch.where(count > 0, total.double() / count, 0.0))  # TRL: Python floats
+            correct = gather((outputs.is_top1[:, -length:].chunk(2)[0] & chosen_mask.bool()).sum()).sum()
+            count = gather(chosen_mask.sum()).sum()
+            metrics["mean_token_accuracy"].append(torch.where(count > 0, correct / count, 0.0))
+            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
+            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
+            gather = self.accelerator.gather
+            metrics["rewards/chosen"].append(gather(chosen_rewards).mean())
+            metrics["rewards/rejected"].append(gather(rejected_rewards).mean())
+            metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean())
+            metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean())
+            metrics["logps/chosen"].append(gather(chosen.detach()).mean())
+            metrics["logps/rejected"].append(gather(rejected.detach()).mean())
+            return loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """TRL's log, after reading the metrics `loss_without_waits` kept on the device in one transfer."""
+            mode = "train" if self.model.training else "eval"
+            kept = [(values, i) for values in self._metrics[mode].values()
+                    for i, value in enumerate(values) if isinstance(value, torch.Tensor)]  # fmt: skip
+            if kept:  # float64 holds every float32 and token count exactly, as `.item()` would return them
+                read = torch.stack([values[i].detach().double() for values, i in kept]).tolist()
+                for (values, i), value in zip(kept, read):
+                    values[i] = value
+            super().log(logs, start_time)
+
         def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
             from dpolab.models import (
                 read_reference_cache,
