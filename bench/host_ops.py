@@ -7,11 +7,12 @@ Why: the H100 profile of 2026-11-26 (bench/RESULTS.md) found the fast path's ste
 launches and 32 waits for the GPU per step, with the GPU busy ~60% of it. The same Python code issues the same
 operators on any device, so a `TorchDispatchMode` on the CPU counts them exactly, by caller: the operators that
 synchronize on CUDA (SYNCING says why each does) and all the others (each a kernel launch or more on a GPU, where it
-runs outside compiled code). What it cannot see: copies to the host (`.cpu()`, `.tolist()` are no operator on a
-CPU tensor), what compiled graphs launch (the step here is eager; the decoder layers' share is counted apart, as
-`torch.compile` turns it into its own kernels on CUDA), and code that runs only on CUDA: TRL's fused LM head
-indexes its hidden states and labels with a boolean mask on devices with Triton (`trl/trainer/utils.py`
-`_fused_forward`, `compact`), two more waits per step there. Views (no kernel) are left out of the counts.
+runs outside compiled code). What it cannot see: copies between host and device (no operator on CPU tensors:
+`.tolist()`, and the batch's copy to the GPU, which waits for the queue unless `non_blocking`), what compiled graphs
+launch (the step here is eager; the decoder layers' share is counted apart, as the fast path's `torch.compile`
+turns it into its own kernels on CUDA), and code that runs only on CUDA: TRL's fused LM head indexes its hidden
+states and labels with a boolean mask on devices with Triton (`trl/trainer/utils.py` `_fused_forward`,
+`compact`), two more waits per step there. Views (no kernel) are left out of the counts.
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ class Census:
     def part(self, frames) -> str:
         files = [f for f, _, _ in frames]
         if self.layer_depth:
-            return "decoder layers, forward (compiled on CUDA)"
+            return "decoder layers, forward"
         if self.backward_layers:
-            return "decoder layers, backward (compiled on CUDA)"
+            return "decoder layers, backward"
         if any("/torch/optim/" in f for f in files):
             return "optimizer step"
         if any("/torch/nn/utils/" in f for f in files):

@@ -53,7 +53,8 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 # full preset's memory; then the rest, each started only before --budget_s
 REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "dpolab-fast-compile-host-waits", "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-b16",
+                 "dpolab-fast-compile-host-waits", "dpolab-fast-compile-log10", "dpolab-fast-compile-cpp-wrapper",
+                 "dpolab-fast-compile-b16",
                  "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
@@ -63,9 +64,15 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
     "dpolab-fast-compile-cpp-wrapper": {"torch_compile": True},  # + INDUCTOR_CONFIG below
-    # the step as it was before the metrics stayed on the GPU: TRL's own loss and metrics (17 reads of device values
-    # per step) and transformers' NaN filter (2 more), to measure what the host's waits cost side by side
-    "dpolab-fast-compile-host-waits": {"torch_compile": True, "logging_nan_inf_filter": True},
+    # the step as it was before it stopped waiting for the GPU: TRL's own loss and metrics (17 reads of device values
+    # per step), transformers' NaN filter (2 more) and blocking copies of each batch, to measure what they cost
+    # logging every 10 steps, as the full preset does: the loss and grad norm read on the host one step in 10
+    "dpolab-fast-compile-log10": {"torch_compile": True, "logging_steps": 10},
+    "dpolab-fast-compile-host-waits": {
+        "torch_compile": True,
+        "logging_nan_inf_filter": True,
+        "accelerator_config": {"non_blocking": False},
+    },
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -430,6 +437,7 @@ def run_row(args) -> dict:
         ),
         weights_changed=changed_share(trainer.model, initial),
         losses=[r["loss"] for r in trainer.state.log_history if "loss" in r],
+        loss_steps=[r["step"] for r in trainer.state.log_history if "loss" in r],
         num_tokens=[r.get("num_tokens") for r in trainer.state.log_history if "loss" in r][-1],
         attention=trainer.model.config._attn_implementation,
         checkpointing=bool(trainer.args.activation_checkpointing),
@@ -508,6 +516,13 @@ def reference_passes(trainer, device: str) -> list[dict]:
 # --- the table ----------------------------------------------------------------------------------------------------
 
 
+def window_means(losses: list[float], logged_steps: list[int]) -> list[float]:
+    """Per-step losses (steps 1..N) averaged over the windows a run logged at `logged_steps` (what transformers
+    logs: the mean step loss since the last log), so a row logging every 10 steps compares with TRL's default."""
+    starts = [0] + logged_steps[:-1]
+    return [sum(losses[start:end]) / (end - start) for start, end in zip(starts, logged_steps)]
+
+
 def row_batch(row: str) -> int:
     """Pairs per step (one micro-batch) of a bench row."""
     return ROW_FIELDS.get(row, {}).get("per_device_train_batch_size", 8)
@@ -563,7 +578,7 @@ def table(rows: list[dict], layout, args) -> str:
         ratio = row["pairs_per_s"] / base["pairs_per_s"] if same_workload and row.get("pairs_per_s") else None
         diff = None
         if same_workload and row.get("losses"):
-            diff = max(abs(a - b) for a, b in zip(row["losses"], base["losses"]))
+            diff = max(abs(a - b) for a, b in zip(row["losses"], window_means(base["losses"], row["loss_steps"])))
         if row.get("losses"):
             plan_gib = planned({**row, "model": args.model_dir}, layout, args.steps)
         else:

@@ -149,3 +149,15 @@ def test_resolved_config_loads_back_to_the_same_values(tmp_path):
     assert again.training.to_dict() == config.training.to_dict()
     assert again.script == config.script
     assert vars(again.model) == vars(config.model)
+
+
+def test_the_defaults_that_keep_the_host_from_waiting_for_the_gpu_can_be_set_back(tmp_path):
+    path = write(tmp_path, REQUIRED)
+    config = parse_train_args(["--config", path])
+    assert config.training.logging_nan_inf_filter is False  # TRL's default: True
+    assert config.training.accelerator_config.non_blocking is True  # TRL's default: False
+    config = parse_train_args(
+        ["--config", path, "--logging_nan_inf_filter", "true", "--accelerator_config", '{"non_blocking": false}']
+    )
+    assert config.training.logging_nan_inf_filter is True
+    assert config.training.accelerator_config.non_blocking is False

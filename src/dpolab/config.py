@@ -52,11 +52,13 @@ RENAMED_KEYS = {
 
 # dpolab's defaults where they differ from TRL's: a run should leave TensorBoard curves without being asked;
 # reference log-probs are computed once, before training (and cached), not in every step, unless the run sees only a
-# part of its data (train.choose_reference_pass decides when the field is not given); a NaN loss is logged as NaN,
-# which stops the run (callbacks.RunGuard), instead of transformers' `logging_nan_inf_filter` testing every step's
-# loss on the host, which waits for the GPU to finish the step's backward pass before the next step is queued.
+# part of its data (train.choose_reference_pass decides when the field is not given). Two keep the host from waiting
+# for the GPU in every step: a NaN loss is logged as NaN, which stops the run (callbacks.RunGuard), instead of
+# transformers' `logging_nan_inf_filter` testing each step's loss on the host (a wait for the whole backward pass);
+# and batches are copied to the GPU from pinned memory without blocking (`non_blocking`), where a blocking copy waits
+# for the previous step to finish, so the next step's first kernels cannot be queued while the GPU still runs it.
 DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True,
-                   "logging_nan_inf_filter": False}  # fmt: skip
+                   "logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}}  # fmt: skip
 
 
 @dataclass

@@ -11,7 +11,8 @@ losses and metrics run unchanged on top (`install`).
 The batch keeps TRL's padded `input_ids`, `attention_mask` and `completion_mask` (cheap integer tensors TRL
 reads for labels, token counts and metrics) beside the packed tensors, which TRL passes on to the model
 untouched. Reference log-probs come from a pre-pass (`PrecomputedReferenceDPOTrainer`) kept in dpolab's
-on-disk cache, the same cache `dpolab eval` and `sweep` read.
+on-disk cache, the same cache `dpolab eval` and `sweep` read; with them, that trainer computes TRL's loss and
+metrics without reading device values back in every step (`loss_without_waits`).
 
 Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped), SDPA (a dense boolean mask) or
 eager attention (a dense additive mask). Other attention implementations keep TRL's padded path. With TRL's
@@ -313,6 +314,9 @@ def reference_trainer_class():
         the same data, an eval of the run and a sweep reuse them. The values are TRL's own: each batch goes through
         `DPOTrainer.compute_ref_log_probs`. This overrides one private method of TRL 1.16, `_precompute_ref_logps`
         (TRL offers no hook for it); tests/test_packing.py fails if its signature or use changes.
+
+        On packed batches it also computes TRL's loss and metrics without the host waiting for the device
+        (`compute_loss`, `log`: public Trainer hooks).
         """
 
         def __init__(self, *args, reference_path: str, precision: dict, **kwargs):
