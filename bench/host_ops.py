@@ -42,9 +42,9 @@ def sync_reason(func, args) -> str | None:
     """Why `func(*args)` would make the host wait for a CUDA device, or None."""
     import torch
 
-    packet = f"aten.{func._opname}"
-    if packet in SYNCING:
-        return SYNCING[packet]
+    name = f"aten.{func._opname}"
+    if name in SYNCING:
+        return SYNCING[name]
     if str(func) in BOOLEAN_INDEXING:
         indices = args[1] if len(args) > 1 else []
         if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
@@ -72,7 +72,12 @@ class Census:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        self.calls, self.syncs, self.layer_depth, self.backward_layers = collections.Counter(), {}, 0, 0
+        self.calls, self.syncs, self.layer_depth, self.backward_layers = (
+            collections.Counter(),
+            collections.Counter(),
+            0,
+            0,
+        )
         census = self
 
         class Mode(TorchDispatchMode):
@@ -93,7 +98,6 @@ class Census:
         line = next((f"{short(f)}:{n} {name}" for f, n, name in frames if not in_torch(f)), "?")
         self.calls[(self.part(frames), line)] += 1
         if reason is not None:
-            self.syncs.setdefault((line, reason), 0)
             self.syncs[(line, reason)] += 1
 
     def part(self, frames) -> str:
@@ -159,8 +163,7 @@ class Census:
             "operator_calls_per_step": {part: count / STEPS for part, count in by_part.most_common()},
             "syncs_per_step": sum(self.syncs.values()) / STEPS,
             "syncs": [
-                {"line": line, "why": why, "per_step": count / STEPS}
-                for (line, why), count in sorted(self.syncs.items(), key=lambda item: -item[1])
+                {"line": line, "why": why, "per_step": count / STEPS} for (line, why), count in self.syncs.most_common()
             ],
             "top_callers": [
                 {"part": part, "line": line, "per_step": count / STEPS}
@@ -171,18 +174,11 @@ class Census:
 
 def census_of(row: str, world: dict, work: Path) -> dict:
     """Train `row` (TRL's default or a dpolab fast-path row) for FIRST_STEP + STEPS steps, counting."""
-    from dpolab import packing, train
+    from dpolab import packing
     from dpolab.models import load_tokenizer
 
     args = argparse.Namespace(work=str(work), row=row, steps=FIRST_STEP + STEPS, device="cpu")
-    tokenizer = load_tokenizer(world["model"])
-    if row == "trl-default":
-        trainer = train_speed.trl_trainer(world, args, tokenizer)
-    else:
-        config = train_speed.train_config(world, args, fast_path=True, precompute_ref_log_probs=True,
-                                          **train_speed.ROW_FIELDS[row])  # fmt: skip
-        train_pairs, _ = train.load_train_eval(config)
-        trainer = train.build_trainer(config, world["model"], tokenizer, train_pairs, None)
+    trainer = train_speed.row_trainer(world, args, load_tokenizer(world["model"]))
     census = Census()
     census.watch_layers(packing.decoder_layers(trainer.model))
     trainer.add_callback(census.callback())

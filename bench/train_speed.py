@@ -394,22 +394,16 @@ def run_row(args) -> dict:
     result = {"row": args.row}
     if args.row.startswith("cli-"):
         return run_cli_row(args, world, result)
-    from dpolab import train
     from dpolab.models import load_tokenizer
 
     for name, value in INDUCTOR_CONFIG.get(args.row, {}).items():
         setattr(torch._inductor.config, name, value)
     tokenizer = load_tokenizer(world["model"])
+    if args.row == "reference-prepass":  # its pre-pass computed here, never read from the other rows' cache
+        os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "prepass-cache")
+        shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
     started = time.perf_counter()
-    if args.row.startswith("trl-"):  # plain TRL: its DPOTrainer, its collator, its defaults
-        trainer = trl_trainer(world, args, tokenizer)
-    else:  # dpolab's own trainer building, as `dpolab train` does it
-        if args.row == "reference-prepass":  # its pre-pass computed here, never read from the other rows' cache
-            os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "prepass-cache")
-            shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
-        config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True, **ROW_FIELDS[args.row])
-        train_pairs, _ = train.load_train_eval(config)
-        trainer = train.build_trainer(config, world["model"], tokenizer, train_pairs, None)  # includes the pre-pass
+    trainer = row_trainer(world, args, tokenizer)
     result["setup_s"] = time.perf_counter() - started
     if args.row == "reference-prepass":
         return result | {"passes": reference_passes(trainer, args.device)}
@@ -447,6 +441,18 @@ def run_row(args) -> dict:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
     return result
+
+
+def row_trainer(world, args, tokenizer):
+    """A `trl-` row's trainer (plain TRL: its DPOTrainer, its collator, its defaults), or a dpolab row's, built as
+    `dpolab train` builds it (the reference pre-pass included)."""
+    if args.row.startswith("trl-"):
+        return trl_trainer(world, args, tokenizer)
+    from dpolab import train
+
+    config = train_config(world, args, fast_path=True, precompute_ref_log_probs=True, **ROW_FIELDS[args.row])
+    train_pairs, _ = train.load_train_eval(config)
+    return train.build_trainer(config, world["model"], tokenizer, train_pairs, None)
 
 
 def run_cli_row(args, world, result) -> dict:

@@ -326,9 +326,9 @@ def reference_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """A packed batch with precomputed reference log-probs: TRL's loss and metrics without waiting for the
             device (`loss_without_waits`). Anything else: TRL's own."""
-            if return_outputs or "packed_input_ids" not in inputs or "ref_chosen_logps" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self.use_weighting or self.aux_loss_enabled:  # WPO weights and MoE router losses: TRL's
+            packed_with_reference = "packed_input_ids" in inputs and "ref_chosen_logps" in inputs
+            # WPO weights and MoE router losses need outputs this does not compute: TRL's
+            if return_outputs or not packed_with_reference or self.use_weighting or self.aux_loss_enabled:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return self.loss_without_waits(model, inputs)
 
@@ -360,24 +360,28 @@ def reference_trainer_class():
                 policy_chosen_unweighted=plain_logps.chunk(2)[0],
             )  # fmt: skip
 
-            # The metrics as TRL computes them, with `x if count > 0 else 0.0` as a torch.where
-            metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
-            mask = shifted_mask
-            entropy_sum = gather((outputs.entropy[:, -length:].detach() * mask).sum()).sum()
-            count = gather(mask.sum()).sum()
+            # The metrics as TRL computes them (sums over every process's batch), with `x if count > 0 else 0.0`
+            # as a torch.where
+            metrics = self._metrics[mode]
+
+            def summed(values: torch.Tensor) -> torch.Tensor:
+                return self.accelerator.gather_for_metrics(values.sum()).sum()
+
+            count = summed(shifted_mask)
+            entropy_sum = summed(outputs.entropy[:, -length:].detach() * shifted_mask)
             metrics["entropy"].append(torch.where(count > 0, entropy_sum / count, 0.0))
             if mode == "train":
-                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum() // self._tp_size
+                self._total_train_tokens += summed(inputs["attention_mask"]) // self._tp_size
             metrics["num_tokens"] = [self._total_train_tokens]
-            chosen_mask, rejected_mask = mask.chunk(2)
+            answer_masks = shifted_mask.chunk(2)  # chosen, rejected
+            counts = [summed(answer_mask) for answer_mask in answer_masks]
             mean_logits = outputs.mean_logits[:, -length:].chunk(2)
-            for name, logits, answer_mask in zip(("logits/chosen", "logits/rejected"), mean_logits,
-                                                 (chosen_mask, rejected_mask)):  # fmt: skip
-                total, count = gather((logits * answer_mask).sum()).sum(), gather(answer_mask.sum()).sum()
+            for name, logits, answer_mask, count in zip(("logits/chosen", "logits/rejected"), mean_logits,
+                                                        answer_masks, counts):  # fmt: skip
+                total = summed(logits * answer_mask)
                 metrics[name].append(torch.where(count > 0, total.double() / count, 0.0))  # TRL: Python floats
-            correct = gather((outputs.is_top1[:, -length:].chunk(2)[0] & chosen_mask.bool()).sum()).sum()
-            count = gather(chosen_mask.sum()).sum()
-            metrics["mean_token_accuracy"].append(torch.where(count > 0, correct / count, 0.0))
+            correct = summed(outputs.is_top1[:, -length:].chunk(2)[0] & answer_masks[0].bool())
+            metrics["mean_token_accuracy"].append(torch.where(counts[0] > 0, correct / counts[0], 0.0))
             chosen_rewards = self.beta * (chosen - ref_chosen).detach()
             rejected_rewards = self.beta * (rejected - ref_rejected).detach()
             gather = self.accelerator.gather
