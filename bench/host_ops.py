@@ -10,9 +10,10 @@ synchronize on CUDA (SYNCING says why each does) and all the others (each a kern
 runs outside compiled code). What it cannot see: copies between host and device (no operator on CPU tensors:
 `.tolist()`, and the batch's copy to the GPU, which waits for the queue unless `non_blocking`), what compiled graphs
 launch (the step here is eager; the decoder layers' share is counted apart, as the fast path's `torch.compile`
-turns it into its own kernels on CUDA), and code that runs only on CUDA: TRL's fused LM head indexes its hidden
-states and labels with a boolean mask on devices with Triton (`trl/trainer/utils.py` `_fused_forward`,
-`compact`), two more waits per step there. Views (no kernel) are left out of the counts.
+turns it into its own kernels on CUDA). TRL's fused LM head compacts the positions it scores with a boolean mask
+only on devices with Triton (`trl/trainer/utils.py` `_fused_forward`, `compact`): the steps are counted with it
+compacting on the CPU too (`models.score_completion_tokens_only`), as it does on CUDA. Views (no kernel) are left
+out of the counts.
 """
 
 from __future__ import annotations
@@ -175,14 +176,15 @@ class Census:
 def census_of(row: str, world: dict, work: Path) -> dict:
     """Train `row` (TRL's default or a dpolab fast-path row) for FIRST_STEP + STEPS steps, counting."""
     from dpolab import packing
-    from dpolab.models import load_tokenizer
+    from dpolab.models import load_tokenizer, score_completion_tokens_only
 
     args = argparse.Namespace(work=str(work), row=row, steps=FIRST_STEP + STEPS, device="cpu")
     trainer = train_speed.row_trainer(world, args, load_tokenizer(world["model"]))
     census = Census()
     census.watch_layers(packing.decoder_layers(trainer.model))
     trainer.add_callback(census.callback())
-    trainer.train()
+    with score_completion_tokens_only():  # TRL's head as on CUDA
+        trainer.train()
     return census.report(row)
 
 

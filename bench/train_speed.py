@@ -53,7 +53,8 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 # full preset's memory; then the rest, each started only before --budget_s
 REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
-                 "dpolab-fast-compile-host-waits", "dpolab-fast-compile-log10", "dpolab-fast-compile-cpp-wrapper",
+                 "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
+                 "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
                  "dpolab-fast-compile-b16",
                  "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
@@ -64,15 +65,20 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
     "dpolab-fast-compile-cpp-wrapper": {"torch_compile": True},  # + INDUCTOR_CONFIG below
-    # the step as it was before it stopped waiting for the GPU: TRL's own loss and metrics (17 reads of device values
-    # per step), transformers' NaN filter (2 more) and blocking copies of each batch, to measure what they cost
     # logging every 10 steps, as the full preset does: the loss and grad norm read on the host one step in 10
     "dpolab-fast-compile-log10": {"torch_compile": True, "logging_steps": 10},
+    # the step as it was before it stopped waiting for the GPU: TRL's own loss and metrics (17 reads of device values
+    # per step), its LM head (2, TRL_HEAD_ROWS), transformers' NaN filter (2) and blocking copies of each batch
     "dpolab-fast-compile-host-waits": {
         "torch_compile": True,
         "logging_nan_inf_filter": True,
         "accelerator_config": {"non_blocking": False},
     },
+    "dpolab-fast-compile-trl-head": {"torch_compile": True},  # today's step but TRL's LM head (TRL_HEAD_ROWS)
+    # the whole backbone compiled as one graph (in run_row; the pre-pass runs eager) rather than each layer: one
+    # guard check and two graph calls per step instead of 24 and 48 (the H100 profile: ~32 ms of the graphs' Python
+    # wrappers and 5 ms of guards per step); its compilation takes longer
+    "dpolab-fast-compile-backbone": {},
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -83,6 +89,8 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
 # inductor settings of a row: cpp_wrapper launches a compiled graph's kernels from C++ rather than Python (the
 # graphs' Python wrappers took ~32 ms of host time per step in the H100 profile of 2026-11-26)
 INDUCTOR_CONFIG = {"dpolab-fast-compile-cpp-wrapper": {"cpp_wrapper": True}}
+# rows whose batches leave out the answer positions, so TRL's fused LM head scores them (packing.answer_head_forward)
+TRL_HEAD_ROWS = ("dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head")
 
 
 # --- the world: tokenizer, model, data ----------------------------------------------------------------------------
@@ -411,6 +419,15 @@ def run_row(args) -> dict:
         from trl import DPOTrainer
 
         trainer.compute_loss = types.MethodType(DPOTrainer.compute_loss, trainer)
+    if args.row == "dpolab-fast-compile-backbone":  # in place: the weights keep their names
+        trainer.model.base_model.compile(dynamic=True)
+    if args.row in TRL_HEAD_ROWS:
+        from dpolab.packing import ANSWER_KEYS
+
+        collate = trainer.data_collator
+        trainer.data_collator = lambda examples: {
+            key: value for key, value in collate(examples).items() if key not in ANSWER_KEYS
+        }
     if args.row == "dpolab-fast-bf16-kahan":  # bf16 weights with Kahan-compensated AdamW (torch-optimi)
         import optimi
 

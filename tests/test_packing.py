@@ -43,6 +43,12 @@ def test_layout_by_hand():
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1]]
     # where each padded token sits in the row; 64 (past the row) reads the zero row
     assert batch["packed_gather_index"].tolist() == [[0, 1, 2, 3], [5, 6, 64, 64], [0, 1, 4, 64], [5, 7, 8, 9]]
+    # each answer token TRL's head scores: the packed position predicting it (a prompt's last token predicts both
+    # first answer tokens), the token, and its place in TRL's [4, 3] log-prob layout, row by row
+    assert batch["packed_answer_index"].tolist() == [1, 2, 5, 1, 5, 7, 8]
+    assert batch["packed_answer_labels"].tolist() == [3, 4, 7, 5, 8, 9, 10]
+    assert batch["packed_answer_slot"].tolist() == [0 * 3 + 1, 0 * 3 + 2, 1 * 3 + 0, 2 * 3 + 1, 3 * 3 + 0, 3 * 3 + 1,
+                                                    3 * 3 + 2]  # fmt: skip
 
 
 def test_the_packed_row_length_by_setting():
@@ -244,6 +250,44 @@ def test_flex_attention_scores_equal_trls_padded_ones(tmp_path, tiny_model_dir):
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (got - expected).abs().max()
 
 
+def test_the_answer_head_computes_every_output_and_gradient_of_trls_head_without_host_waits(tmp_path, tiny_model_dir):
+    """dpolab's LM head on the packed row's answer positions against TRL's fused head on the same packed batch (run
+    as on CUDA: compacted with a boolean mask, `score_completion_tokens_only`), truncation included."""
+    from dpolab.models import score_completion_tokens_only
+
+    trainer, tokenizer = trainer_on(tmp_path, tiny_model_dir, "messages", 30)
+    packing.install(trainer.model)
+    batch = packing.pack_batch([dict(e) for e in trainer.train_dataset], 30, tokenizer.pad_token_id)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
+    trainer.model.train()
+    results = []
+    for head in ("TRL", "dpolab"):
+        if head == "dpolab":
+            assert packing.install_answer_head(trainer) is None
+        trainer.model.zero_grad()
+        waits = HostWaits()
+        with waits.mode, score_completion_tokens_only():
+            outputs = trainer.model(**inputs, labels=labels, fused_lm_head=True)
+        (outputs.log_probs.sum() + 0.1 * outputs.entropy.sum() + outputs.loss).backward()
+        results.append((outputs, [p.grad.clone() for p in trainer.model.parameters()], waits.count))
+    (trl, trl_grads, trl_waits), (ours, grads, waits) = results
+    for name in ("loss", "log_probs", "entropy", "mean_logits", "label_mask"):
+        assert torch.allclose(getattr(ours, name).float(), getattr(trl, name).float(), atol=1e-6, rtol=0), name
+    assert torch.equal(ours.is_top1, trl.is_top1) and ours.log_sum_sq_probs is trl.log_sum_sq_probs is None
+    assert ours.log_probs.shape == labels[:, 1:].shape and trl.is_top1.any()
+    assert max((a - b).abs().max().item() for a, b in zip(trl_grads, grads)) < 1e-6
+    assert trl_waits == 2 and waits == 0  # TRL's hidden_states[mask] and labels[mask]
+    # every other call is TRL's: a padded batch, and a model whose logits TRL's head transforms keeps TRL's head
+    padded = per_token_logps(trainer, {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")})
+    assert torch.allclose(padded, trl.log_probs, atol=TOLERANCE, rtol=0)
+    other, _ = trainer_on(tmp_path, tiny_model_dir, "messages", 30)
+    other.model.config.final_logit_softcapping = 30.0
+    reason = packing.install_answer_head(other)
+    assert reason == "the model's logits are transformed (final_logit_softcapping): TRL's LM head computes that"
+    assert not hasattr(other.model, "_dpolab_answer_head")
+
+
 class HostWaits:
     """Counts the operators that make the host wait for a CUDA device (a value or a size read on the host), as
     bench/host_ops.py does, while active: `.item()`/`if t` (_local_scalar_dense), nonzero, boolean indexing."""
@@ -275,6 +319,7 @@ def test_the_packed_step_computes_trls_loss_metrics_and_gradients_without_host_w
     from trl import DPOConfig, DPOTrainer
 
     from dpolab.data import load_pairs
+    from dpolab.models import score_completion_tokens_only
 
     pairs = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))))
     args = DPOConfig(output_dir=str(tmp_path / "o"), bf16=False, max_length=40, report_to=[], beta=0.5,
@@ -287,19 +332,21 @@ def test_the_packed_step_computes_trls_loss_metrics_and_gradients_without_host_w
         model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer,
         reference_path=str(tiny_model_dir), precision=precision,
     )  # fmt: skip
+    packing.install_answer_head(trainer)
     examples = [dict(example) for example in trainer.train_dataset]
     for example in examples[::2]:  # the policy is the reference: move the references so the margins differ
         example["ref_chosen_logps"] -= 3.0
     batch = packing.pack_batch(examples, 40, tokenizer.pad_token_id)
+    trl_batch = {key: value for key, value in batch.items() if key not in packing.ANSWER_KEYS}  # TRL's head
     trainer.model.train()
     results = []
-    for compute_loss in (DPOTrainer.compute_loss, type(trainer).compute_loss):  # TRL's, then dpolab's
+    for compute_loss, inputs in ((DPOTrainer.compute_loss, trl_batch), (type(trainer).compute_loss, batch)):
         trainer.model.zero_grad()
         trainer._metrics["train"].clear()
         trainer._total_train_tokens = 0
         waits = HostWaits()
-        with waits.mode:
-            loss = compute_loss(trainer, trainer.model, batch)
+        with waits.mode, score_completion_tokens_only():  # TRL's head compacts its positions, as on CUDA
+            loss = compute_loss(trainer, trainer.model, inputs)
         loss.backward()
         trainer.log({})  # reads the metrics kept on the device
         logged = trainer.state.log_history.pop()
@@ -312,7 +359,7 @@ def test_the_packed_step_computes_trls_loss_metrics_and_gradients_without_host_w
     for key, value in trl_logged.items():
         assert logged[key] == pytest.approx(value, abs=1e-6), key
     assert trl_logged["rewards/accuracies"] not in (0.0, 1.0)  # the metrics see a mixed batch
-    assert trl_waits >= 15 and waits == 0
+    assert trl_waits >= 17 and waits == 0
 
 
 def test_the_packed_step_keeps_trls_loss_where_it_needs_what_it_does_not_compute(tmp_path, tiny_model_dir):
@@ -332,12 +379,16 @@ def test_the_packed_step_keeps_trls_loss_where_it_needs_what_it_does_not_compute
         model=model, args=args, train_dataset=pairs.dataset, reference_path=str(tiny_model_dir),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), precision=precision,
     )  # fmt: skip
+    assert packing.install_answer_head(trainer) is None  # it computes WPO's log_sum_sq_probs for TRL's loss
     batch = packing.pack_batch([dict(e) for e in trainer.train_dataset], 40, trainer.processing_class.pad_token_id)
     waits = HostWaits()
     with waits.mode:
-        trainer.compute_loss(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, batch)
     assert waits.count >= 15  # TRL's metrics, read on the host as it computes them
     assert all(isinstance(values[0], float) for values in trainer._metrics["train"].values())
+    without_answer_positions = {key: value for key, value in batch.items() if key not in packing.ANSWER_KEYS}
+    trl_head_loss = trainer.compute_loss(trainer.model, without_answer_positions)
+    assert loss.item() == pytest.approx(trl_head_loss.item(), abs=1e-6) and loss.item() != 0
 
 
 def losses(run_dir):

@@ -6,7 +6,8 @@ restart at each answer (both answers continue from the prompt's last position) a
 each answer sees its own prompt and itself, never the other answer or another pair ("Accelerating Direct
 Preference Optimization with Prefix Sharing", Wang et al. 2024). The backbone runs on that row; its hidden
 states are then gathered back into TRL's padded [chosen..., rejected...] layout, so TRL's own fused LM head,
-losses and metrics run unchanged on top (`install`).
+losses and metrics run unchanged on top (`install`). In training, TRL's head kernel runs on the answer positions
+the collator lists instead (`install_answer_head`), its results laid out as TRL's head lays them out.
 
 The batch keeps TRL's padded `input_ids`, `attention_mask` and `completion_mask` (cheap integer tensors TRL
 reads for labels, token counts and metrics) beside the packed tensors, which TRL passes on to the model
@@ -29,6 +30,7 @@ import numpy
 import torch
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
+ANSWER_KEYS = ("packed_answer_index", "packed_answer_labels", "packed_answer_slot")  # read by `answer_head_forward`
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_PAIR = -1  # the pair id of the tokens that round the row's length up
 ROW_MULTIPLE = 64  # the packed row's length is rounded up to this: fewer distinct shapes, aligned matmuls
@@ -63,9 +65,12 @@ def pack_batch(
     """TRL's padded tensors for a batch plus the packed row the fast path computes on.
 
     Returns input_ids, attention_mask, completion_mask: [2B, L] exactly as TRL's `DataCollatorForPreference`
-    (chosen rows first) and packed_input_ids, packed_position_ids, packed_pair, packed_segment: [1, T], and
+    (chosen rows first) and packed_input_ids, packed_position_ids, packed_pair, packed_segment: [1, T],
     packed_gather_index: [2B, L], the packed position holding each padded position's token (T, a zero row,
-    for padding). `ref_chosen_logps`/`ref_rejected_logps` pass through when the examples carry them.
+    for padding), and for each answer token TRL's LM head scores (N in all): packed_answer_index, the packed
+    position whose hidden state predicts it, packed_answer_labels, its id, and packed_answer_slot, where TRL's
+    head puts its log-prob in the flattened [2B, L - 1] layout. `ref_chosen_logps`/`ref_rejected_logps` pass
+    through when the examples carry them.
     """
     tokens, positions, pairs, segments = [], [], [], []
     spans = [[], []]  # [chosen rows, rejected rows]: (prompt start, prompt length, answer start, answer length)
@@ -102,15 +107,23 @@ def pack_batch(
         return torch.cat([row[0], row.new_tensor([fill])])[gather]
 
     real = gather < length  # padding positions read index `length`, past the row
+    input_ids = in_rows(packed_input_ids, pad_token_id)
+    completion_mask = (real & (in_rows(packed_segment, PROMPT) != PROMPT)).long()
+    # TRL's head scores position c of a padded row when the token at c + 1 is an answer token (labels[:, 1:]
+    # != -100) with the hidden state at c: found here on the host, not with a boolean mask on the device
+    answer_slot = torch.from_numpy(numpy.flatnonzero(completion_mask[:, 1:].numpy()))
     batch = {
-        "input_ids": in_rows(packed_input_ids, pad_token_id),
+        "input_ids": input_ids,
         "attention_mask": real.long(),
-        "completion_mask": (real & (in_rows(packed_segment, PROMPT) != PROMPT)).long(),
+        "completion_mask": completion_mask,
         "packed_input_ids": packed_input_ids,
         "packed_position_ids": packed(positions, 0),
         "packed_pair": packed(pairs, PAD_PAIR),
         "packed_segment": packed_segment,
         "packed_gather_index": gather,
+        "packed_answer_index": gather[:, :-1].flatten()[answer_slot],
+        "packed_answer_labels": input_ids[:, 1:].flatten()[answer_slot],
+        "packed_answer_slot": answer_slot,
     }
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in examples[0]:
@@ -220,19 +233,23 @@ def unsupported_reason(model_config, truncation_mode: str) -> str | None:
 
 def packed_backbone_forward(original_forward, attention_implementation: str):
     """The backbone's forward, which on a batch carrying packed tensors runs the packed row and returns hidden
-    states in TRL's padded layout; any other call (generation, saving, TRL's padded path) is the original."""
+    states in TRL's padded layout (given `packed_gather_index`; else the packed row's, [1, T, H]); any other call
+    (generation, saving, TRL's padded path) is the original."""
 
     @functools.wraps(original_forward)
     def forward(self, *args, packed_input_ids=None, packed_position_ids=None, packed_pair=None, packed_segment=None,
                 packed_gather_index=None, **kwargs):  # fmt: skip
         if packed_input_ids is None:
             return original_forward(self, *args, **kwargs)
-        for padded_input in ("input_ids", "attention_mask", "position_ids"):  # TRL's padded layout: not computed
-            kwargs.pop(padded_input, None)
+        # TRL's padded layout is not computed; the answer positions are for dpolab's LM head, when TRL's runs
+        for unused in ("input_ids", "attention_mask", "position_ids", *ANSWER_KEYS):
+            kwargs.pop(unused, None)
         mask = attention_mask(attention_implementation, packed_pair[0], packed_segment[0], self.dtype)
         outputs = original_forward(
             self, input_ids=packed_input_ids, position_ids=packed_position_ids, attention_mask=mask, **kwargs
         )
+        if packed_gather_index is None:
+            return outputs
         hidden = outputs.last_hidden_state[0]  # [T, H]
         with_zero_row = torch.cat([hidden, hidden.new_zeros(1, hidden.size(-1))])  # index T: padding positions
         # index_select, not with_zero_row[index]: its backward adds rows in place where indexing's sorts every index
@@ -254,6 +271,82 @@ def install(model) -> None:
     implementation = base.config._attn_implementation or "sdpa"
     backbone.forward = types.MethodType(packed_backbone_forward(type(backbone).forward, implementation), backbone)
     backbone._dpolab_packed = True
+
+
+# TRL 1.16's DPOTrainer: the per-token outputs its fused LM head computes for the policy (`use_weighting` adds
+# log_sum_sq_probs) and for a reference model, at temperature 1 in vocabulary tiles of 32,768 (trl/trainer/
+# dpo_trainer.py, `add_fused_lm_head`; trl/trainer/utils.py). tests/test_packing.py compares every output with TRL's.
+POLICY_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+REFERENCE_HEAD_OUTPUTS = ("log_probs",)
+HEAD_VOCABULARY_TILE = 32768
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")  # fmt: skip
+
+
+def answer_head_forward(fused_forward, outputs: tuple[str, ...]):
+    """The model's forward (TRL's with its fused LM head) which, on a packed batch carrying its answer positions,
+    runs TRL's head kernel (`trl.kernels.ChunkedLogProbFunction`) on the packed row's hidden states at those
+    positions and lays the results out as TRL's head does ([2B, L - 1], zero where nothing is scored).
+
+    Why: TRL's head finds the positions it scores with a boolean mask (`hidden_states[mask]`, `labels[mask]`) on
+    CUDA, and each of those makes the host wait for the device in the middle of the step; the collator found the
+    same positions on the host (`pack_batch`). Nor is the packed row gathered into TRL's padded layout first. Any
+    other call (TRL's padded path, generation, a batch without answer positions) is TRL's forward."""
+
+    @functools.wraps(fused_forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, packed_answer_index=None,
+                packed_answer_labels=None, packed_answer_slot=None, **kwargs):  # fmt: skip
+        if not fused_lm_head or packed_answer_index is None or packed_answer_index.numel() == 0:
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)  # fmt: skip
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        kwargs.pop("packed_gather_index", None)  # the hidden states stay in the packed row
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[0]  # [T, H]
+        head = self.get_output_embeddings()
+        per_token = ChunkedLogProbFunction.apply(
+            torch.index_select(hidden, 0, packed_answer_index), head.weight, head.bias, packed_answer_labels,
+            1.0, HEAD_VOCABULARY_TILE, None, 1.0, outputs,
+        )  # fmt: skip
+        scored = labels[:, 1:] != -100
+
+        def in_rows(values: torch.Tensor | None) -> torch.Tensor | None:  # [N] -> TRL's [2B, L - 1] layout
+            if values is None:
+                return None
+            return values.new_zeros(scored.numel()).index_copy(0, packed_answer_slot, values).view(scored.shape)
+
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = map(in_rows, per_token)
+        count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-per_token[0].sum() / count, log_probs=log_probs, entropy=entropy,
+            log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=scored,
+        )  # fmt: skip
+
+    return forward
+
+
+def install_answer_head(trainer) -> str | None:
+    """Give the trainer's policy (and reference model, if it has one) `answer_head_forward` over TRL's fused head,
+    which DPOTrainer adds when it is built. Returns why TRL's head stays, or None."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    text_config = model.config.get_text_config()
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(text_config, name, None) is not None]
+    if transforms:
+        return f"the model's logits are transformed ({', '.join(transforms)}): TRL's LM head computes that"
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return "sharded weights: TRL's LM head gathers them"
+    outputs = POLICY_HEAD_OUTPUTS + (("log_sum_sq_probs",) if trainer.use_weighting else ())
+    models = [(model, outputs)]
+    if trainer.ref_model is not None:
+        models.append((trainer.accelerator.unwrap_model(trainer.ref_model), REFERENCE_HEAD_OUTPUTS))
+    for each, head_outputs in models:
+        base = each.get_base_model() if hasattr(each, "get_base_model") else each  # where TRL put its head
+        if not getattr(base, "_dpolab_answer_head", False):
+            base.forward = types.MethodType(answer_head_forward(base.forward, head_outputs), base)
+            base._dpolab_answer_head = True
+    return None
 
 
 @dataclass

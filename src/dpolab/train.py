@@ -350,6 +350,8 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
             packing.install(reference)
             if trainer_args is not training:  # dpolab compiled the policy's layers: the reference's too
                 packing.compile_layers(reference, training.torch_compile_backend, training.torch_compile_mode)
+    if collator is not None and (reason := packing.install_answer_head(trainer)) is not None:
+        print(f"Fast path: TRL's LM head, with its waits for the GPU ({reason}).")
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
     for callback in list(trainer.callback_handler.callbacks):  # TensorBoard etc. log after the weight metrics
