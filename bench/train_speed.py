@@ -55,6 +55,7 @@ REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
+                 "dpolab-fast-compile-backbone-cudagraphs",
                  "dpolab-fast-compile-b16",
                  "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
@@ -75,10 +76,13 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
         "accelerator_config": {"non_blocking": False},
     },
     "dpolab-fast-compile-trl-head": {"torch_compile": True},  # today's step but TRL's LM head (TRL_HEAD_ROWS)
-    # the whole backbone compiled as one graph (in run_row; the pre-pass runs eager) rather than each layer: one
+    # the whole backbone compiled as one graph (BACKBONE_COMPILE; the pre-pass runs eager), not each layer: one
     # guard check and two graph calls per step instead of 24 and 48 (the H100 profile: ~32 ms of the graphs' Python
     # wrappers and 5 ms of guards per step); its compilation takes longer
     "dpolab-fast-compile-backbone": {},
+    # the same graph replayed as a CUDA graph, one recording per row length (rows rounded to 512 tokens): no kernel
+    # launched from Python in the backbone (per layer, CUDA graphs were a dead end: 24 backwards left pending)
+    "dpolab-fast-compile-backbone-cudagraphs": {"pad_to_multiple_of": 512},
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -89,6 +93,8 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
 # inductor settings of a row: cpp_wrapper launches a compiled graph's kernels from C++ rather than Python (the
 # graphs' Python wrappers took ~32 ms of host time per step in the H100 profile of 2026-11-26)
 INDUCTOR_CONFIG = {"dpolab-fast-compile-cpp-wrapper": {"cpp_wrapper": True}}
+# rows that compile the whole backbone in place (the weights keep their names) in this torch.compile mode
+BACKBONE_COMPILE = {"dpolab-fast-compile-backbone": None, "dpolab-fast-compile-backbone-cudagraphs": "reduce-overhead"}
 # rows whose batches leave out the answer positions, so TRL's fused LM head scores them (packing.answer_head_forward)
 TRL_HEAD_ROWS = ("dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head")
 
@@ -419,8 +425,8 @@ def run_row(args) -> dict:
         from trl import DPOTrainer
 
         trainer.compute_loss = types.MethodType(DPOTrainer.compute_loss, trainer)
-    if args.row == "dpolab-fast-compile-backbone":  # in place: the weights keep their names
-        trainer.model.base_model.compile(dynamic=True)
+    if args.row in BACKBONE_COMPILE:
+        trainer.model.base_model.compile(dynamic=True, mode=BACKBONE_COMPILE[args.row])
     if args.row in TRL_HEAD_ROWS:
         from dpolab.packing import ANSWER_KEYS
 
