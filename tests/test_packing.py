@@ -396,8 +396,10 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("overrides", [{"precompute_ref_log_probs": True},
-                                       {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False}],
-                         ids=["precomputed-reference", "sft-reference-each-step"])  # fmt: skip
+                                       {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False},
+                                       {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
+                                        "precompute_ref_log_probs": False}],
+                         ids=["precomputed-reference", "sft-reference-each-step", "lora"])  # fmt: skip
 def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, overrides, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
     config = str(tiny_config(data, max_steps=4, learning_rate=5e-3, train_sampling_strategy="sequential", **overrides))
