@@ -29,7 +29,8 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # The first three rows (the issue's side by side and the full preset's memory) take ~4.5 minutes on an H100.
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-host-waits,\
-dpolab-fast-compile-backbone-cudagraphs,dpolab-fast-compile-b16,dpolab-fast-compile-backbone,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,\
+dpolab-fast-compile-backbone-cudagraphs,dpolab-fast-compile-b16,dpolab-fast-compile-backbone,\
+dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-gqa,dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,\
 dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)

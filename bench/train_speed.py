@@ -55,7 +55,7 @@ REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
 OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
-                 "dpolab-fast-compile-backbone-cudagraphs",
+                 "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-gqa",
                  "dpolab-fast-compile-b16",
                  "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
@@ -83,6 +83,7 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     # the same graph replayed as a CUDA graph, one recording per row length (rows rounded to 512 tokens): no kernel
     # launched from Python in the backbone (per layer, CUDA graphs were a dead end: 24 backwards left pending)
     "dpolab-fast-compile-backbone-cudagraphs": {"pad_to_multiple_of": 512},
+    "dpolab-fast-compile-gqa": {"torch_compile": True},  # + FlexAttention with grouped K/V (gqa_flex_attention)
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -413,6 +414,10 @@ def run_row(args) -> dict:
     for name, value in INDUCTOR_CONFIG.get(args.row, {}).items():
         setattr(torch._inductor.config, name, value)
     tokenizer = load_tokenizer(world["model"])
+    if args.row == "dpolab-fast-compile-gqa":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("flex_attention", gqa_flex_attention)  # in this row's process only
     if args.row == "reference-prepass":  # its pre-pass computed here, never read from the other rows' cache
         os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "prepass-cache")
         shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
@@ -464,6 +469,22 @@ def run_row(args) -> dict:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
     return result
+
+
+def gqa_flex_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The `dpolab-fast-compile-gqa` row's attention: FlexAttention with grouped-query attention on. transformers
+    5.24 repeats K and V to every query head when the number of query heads is not a power of two (Qwen2-0.5B: 14
+    query heads, 2 K/V heads), so the kernels read 7x the K/V and the backward sums 14 heads' dK/dV back to 2;
+    `enable_gqa` reads them grouped (the same values: bit-identical forward on this project's CPU). Packed rows
+    only (a BlockMask); anything else is transformers' own."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations.flex_attention import compile_friendly_flex_attention, flex_attention_forward
+
+    if not isinstance(attention_mask, BlockMask) or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output = compile_friendly_flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
+                                             enable_gqa=True, training=module.training)  # fmt: skip
+    return output.transpose(1, 2).contiguous(), None
 
 
 def row_trainer(world, args, tokenizer):
