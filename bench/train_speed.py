@@ -585,7 +585,7 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
 
     model = plan.model_shape(row["model"])
     fields, batch = ROW_FIELDS.get(row["row"], {}), row_batch(row["row"])
-    compiled = fields.get("torch_compile", False)
+    compiled = fields.get("torch_compile", False) or row["row"] in BACKBONE_COMPILE  # compiled in run_row
     batches = [layout[i : i + batch] for i in range(0, min(steps * batch, len(layout) - batch + 1), batch)]
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)

@@ -427,10 +427,11 @@ def reference_trainer_class():
 
         def loss_without_waits(self, model, inputs):
             """TRL 1.16 `DPOTrainer._compute_loss` for a batch whose reference log-probs are precomputed: the same
-            forward (TRL's fused LM head), loss (`logps.batch_loss`, pinned to TRL's) and metrics, each metric kept
-            on the device until `log` reads them all at once. TRL's own calls `.item()` or tests a device value 17
-            times in every step (bench/host_ops.py): each time the host waits for the device, so the next kernels
-            are queued only once the device has run dry (tests/test_packing.py pins the values to TRL's)."""
+            forward (the model's fused LM head: `answer_head_forward` where installed, else TRL's), loss
+            (`logps.batch_loss`, pinned to TRL's) and metrics, each metric kept on the device until `log` reads them
+            all at once. TRL's own calls `.item()` or tests a device value 17 times in every step
+            (bench/host_ops.py): each time the host waits for the device, so the next kernels are queued only once
+            the device has run dry (tests/test_packing.py pins the values to TRL's)."""
             from dpolab.logps import batch_loss, length_weighted_logps
 
             mode = "train" if self.model.training else "eval"
