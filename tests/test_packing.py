@@ -451,6 +451,51 @@ def test_the_reference_pre_pass_is_trls_and_is_cached(tmp_path, tiny_model_dir, 
     assert "Reference log-probs from cache" in capsys.readouterr().out
 
 
+def test_the_packed_reference_pre_pass_is_trls_and_never_waits_for_the_device(tmp_path, tiny_model_dir, monkeypatch):
+    """The fast path's pre-pass (packed batches, dpolab's LM head, results read once at the end) against TRL's own
+    padded pre-pass; its waits counted with TRL's head compacting as on CUDA, against the same pass on TRL's head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dpolab.data import load_pairs
+    from dpolab.models import score_completion_tokens_only
+
+    rows = rows_in_format("messages", 10)
+    for index, row in enumerate(rows):  # answers of different lengths, some truncated at max_length 40
+        row["chosen"][-1]["content"] += " The sky is blue." * (index % 4)
+    pairs = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    precision = {"dtype": "float32", "bf16": False, "fp16": False, "ld_alpha": None}
+
+    def build(trainer_class, **extra):
+        args = DPOConfig(output_dir=str(tmp_path / "o"), bf16=False, max_length=40, report_to=[],
+                         precompute_ref_log_probs=True, per_device_train_batch_size=4)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if trainer_class is DPOTrainer:
+            return trainer_class(model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer), 0
+        packing.install(model)
+        waits = HostWaits()
+        with waits.mode, score_completion_tokens_only():
+            trainer = trainer_class(model=model, args=args, train_dataset=pairs.dataset, processing_class=tokenizer,
+                                    data_collator=packing.PackedCollator(tokenizer.pad_token_id, 40),
+                                    reference_path=str(tiny_model_dir), precision=precision, **extra)  # fmt: skip
+        return trainer, waits.count
+
+    trl, _ = build(DPOTrainer)
+    ours, waits = build(packing.reference_trainer_class())
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert ours.train_dataset[key] == pytest.approx(trl.train_dataset[key], abs=TOLERANCE)
+    assert getattr(ours.model, "_dpolab_answer_head", False)
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "another-cache"))  # computed again, not read
+    monkeypatch.setattr(packing, "install_answer_head", lambda trainer: None)
+    with_trls_head, trl_head_waits = build(packing.reference_trainer_class())
+    assert with_trls_head.train_dataset["ref_chosen_logps"] == pytest.approx(trl.train_dataset["ref_chosen_logps"],
+                                                                             abs=TOLERANCE)  # fmt: skip
+    # both: the DataLoader's iterator draws its seed from the host's generator twice (host memory: no device wait);
+    # TRL's head adds its boolean compaction, twice in each of the 3 batches
+    assert waits == 2 and trl_head_waits == 2 + 2 * 3
+
+
 def test_the_reference_pre_pass_runs_only_when_the_run_sees_its_data(tmp_path, tiny_config, capsys):
     from dpolab.config import parse_train_args
     from dpolab.train import choose_reference_pass

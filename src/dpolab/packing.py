@@ -526,22 +526,26 @@ def reference_trainer_class():
             )
 
         def reference_pass(self, dataset, name: str, batch_size: int) -> dict:
-            """TRL's reference log-probs of every pair, batch by batch through this trainer's collator."""
+            """TRL's reference log-probs of every pair, batch by batch through this trainer's collator (on the fast
+            path through `answer_head_forward`, as training runs), read back once at the end: the host never waits
+            for the device in between, so it queues each batch while the device runs the one before."""
             from torch.utils.data import DataLoader
             from tqdm.auto import tqdm
 
+            if isinstance(self.data_collator, PackedCollator):
+                install_answer_head(self)  # the reason, where TRL's head stays, is printed once the trainer is built
+            device = self.accelerator.device
             columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-            loader = DataLoader(columns, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            loader = DataLoader(columns, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                                pin_memory=device.type == "cuda")  # fmt: skip
             model = self.ref_model or self.model
-            result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+            per_batch = []  # (chosen, rejected, chosen tokens, rejected tokens), on the device
             for batch in tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch"):
-                batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 chosen, rejected = self.compute_ref_log_probs(model, batch)
-                chosen_tokens, rejected_tokens = batch["completion_mask"][:, 1:].sum(dim=1).chunk(2)
-                result["chosen"] += chosen.float().tolist()
-                result["rejected"] += rejected.float().tolist()
-                result["chosen_tokens"] += chosen_tokens.tolist()
-                result["rejected_tokens"] += rejected_tokens.tolist()
+                per_batch.append((chosen.float(), rejected.float(), *batch["completion_mask"][:, 1:].sum(1).chunk(2)))
+            read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 4  # one transfer each
+            result = dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), read))
             result["chosen_unweighted"] = result["chosen"]  # cached only without ld_alpha: the plain sums
             return result
 
