@@ -258,3 +258,38 @@ def test_eval_of_a_run_with_a_held_out_fraction_uses_the_same_pairs(tmp_path, ti
     logged = last_logged_eval(run_dir)
     for key in METRICS:
         assert summary["trainer_equivalent"][key] == pytest.approx(logged[f"eval_{key}"], abs=TOLERANCE), key
+
+
+def test_fast_scoring_equals_the_padded_one_and_never_waits_for_the_device(tmp_path, tiny_model_dir):
+    """`dpolab eval`'s scoring on the fast path (packed rows, dpolab's LM head, results read once at the end) against
+    TRL's padded path and head; waits counted with TRL's head compacting as on CUDA."""
+    from test_packing import HostWaits
+    from transformers import AutoTokenizer
+
+    from dpolab import evaluate
+    from dpolab.data import load_pairs
+    from dpolab.models import load_scoring_model
+
+    rows = rows_in_format("messages", 7)
+    for index, row in enumerate(rows):  # answers of different lengths, some truncated at max_length 40
+        row["chosen"][-1]["content"] += " The sky is blue." * (index % 3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples, _ = evaluate.tokenize_pairs(load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows))).dataset, tokenizer,
+                                          40, "keep_start")  # fmt: skip
+    scored = {}
+    for fast_path in (False, True):
+        settings = evaluate.EvalConfig(model=str(tiny_model_dir), max_length=40, truncation_mode="keep_start",
+                                       batch_size=3, fast_path=fast_path, ld_alpha=0.5)  # fmt: skip
+        model = load_scoring_model(str(tiny_model_dir), "float32")
+        waits = HostWaits()
+        with waits.mode:
+            scored[fast_path] = evaluate.model_logps(model, examples, tokenizer, settings, "test")
+        scored[fast_path]["waits"] = waits.count
+    padded, fast = scored[False], scored[True]
+    assert getattr(model, "_dpolab_answer_head", False)
+    for key in ("chosen", "rejected", "chosen_unweighted"):
+        assert fast[key] == pytest.approx(padded[key], abs=1e-5) and len(fast[key]) == 7, key
+    assert fast["chosen"] != pytest.approx(fast["chosen_unweighted"])  # ld_alpha weighted what it should
+    assert fast["chosen_tokens"] == padded["chosen_tokens"] and fast["rejected_tokens"] == padded["rejected_tokens"]
+    # padded: TRL's boolean compaction, twice in each of the 3 batches, and transformers' padding-mask checks
+    assert fast["waits"] == 0 and padded["waits"] > 2 * 3

@@ -318,12 +318,13 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     pad_token_id = models.pad_token_id(tokenizer)
     if settings.fast_path and packing.unsupported_reason(model.config, settings.truncation_mode) is None:
         packing.install(model)
+        packing.install_answer_head_on(model, packing.REFERENCE_HEAD_OUTPUTS)  # where it applies; else TRL's head
         collator = packing.PackedCollator(pad_token_id=pad_token_id, max_length=settings.max_length)
     else:
         collator = DataCollatorForPreference(
             pad_token_id=pad_token_id, max_length=settings.max_length, truncation_mode=settings.truncation_mode
         )
-    result = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": [], "chosen_unweighted": []}
+    per_batch = []  # kept on the device and read once at the end: the host never waits for it in between
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     device = next(model.parameters()).device
     with torch.no_grad(), adapter_off, score_completion_tokens_only(), autocast(settings, device.type):
@@ -334,7 +335,7 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
                     for e in examples[start : start + settings.batch_size]
                 ]
             )
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
             inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
             outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
@@ -342,14 +343,9 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
             per_token = outputs.log_probs[:, -seq_len:].float()
             shifted_mask = batch["completion_mask"][:, 1:]
             logps, plain, tokens = length_weighted_logps(per_token, shifted_mask, settings.ld_alpha)
-            chosen, rejected = logps.chunk(2)
-            chosen_tokens, rejected_tokens = tokens.chunk(2)
-            result["chosen"] += chosen.tolist()
-            result["rejected"] += rejected.tolist()
-            result["chosen_unweighted"] += plain.chunk(2)[0].tolist()
-            result["chosen_tokens"] += chosen_tokens.int().tolist()
-            result["rejected_tokens"] += rejected_tokens.int().tolist()
-    return result
+            per_batch.append((*logps.chunk(2), plain.chunk(2)[0], *tokens.int().chunk(2)))
+    read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 5
+    return dict(zip(("chosen", "rejected", "chosen_unweighted", "chosen_tokens", "rejected_tokens"), read))
 
 
 def cached_ref_logps(settings: EvalConfig, ref_path: str, examples: list[dict], tokenizer) -> dict:

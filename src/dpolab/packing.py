@@ -330,22 +330,25 @@ def answer_head_forward(fused_forward, outputs: tuple[str, ...]):
 def install_answer_head(trainer) -> str | None:
     """Give the trainer's policy (and reference model, if it has one) `answer_head_forward` over TRL's fused head,
     which DPOTrainer adds when it is built. Returns why TRL's head stays, or None."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    text_config = model.config.get_text_config()
-    transforms = [name for name in LOGIT_TRANSFORMS if getattr(text_config, name, None) is not None]
-    if transforms:
-        return f"the model's logits are transformed ({', '.join(transforms)}): TRL's LM head computes that"
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         return "sharded weights: TRL's LM head gathers them"
     outputs = POLICY_HEAD_OUTPUTS + (("log_sum_sq_probs",) if trainer.use_weighting else ())
-    models = [(model, outputs)]
-    if trainer.ref_model is not None:
-        models.append((trainer.accelerator.unwrap_model(trainer.ref_model), REFERENCE_HEAD_OUTPUTS))
-    for each, head_outputs in models:
-        base = each.get_base_model() if hasattr(each, "get_base_model") else each  # where TRL put its head
-        if not getattr(base, "_dpolab_answer_head", False):
-            base.forward = types.MethodType(answer_head_forward(base.forward, head_outputs), base)
-            base._dpolab_answer_head = True
+    reason = install_answer_head_on(trainer.accelerator.unwrap_model(trainer.model), outputs)
+    if reason is None and trainer.ref_model is not None:
+        install_answer_head_on(trainer.accelerator.unwrap_model(trainer.ref_model), REFERENCE_HEAD_OUTPUTS)
+    return reason
+
+
+def install_answer_head_on(model, outputs: tuple[str, ...]) -> str | None:
+    """`answer_head_forward` computing `outputs` over the model's TRL fused head (a PEFT model: its base model's,
+    where TRL puts the head). Returns why TRL's head stays, or None."""
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(model.config.get_text_config(), name, None) is not None]
+    if transforms:
+        return f"the model's logits are transformed ({', '.join(transforms)}): TRL's LM head computes that"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_dpolab_answer_head", False):
+        base.forward = types.MethodType(answer_head_forward(base.forward, outputs), base)
+        base._dpolab_answer_head = True
     return None
 
 
