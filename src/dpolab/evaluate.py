@@ -335,7 +335,7 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
                     for e in examples[start : start + settings.batch_size]
                 ]
             )
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            batch = {key: value.to(device) for key, value in batch.items()}
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
             inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
             outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
