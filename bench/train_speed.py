@@ -478,7 +478,10 @@ def run_row(args) -> dict:
     # eager (a compiled one would compile the whole backbone once more, inside the timing)
     if hasattr(trainer, "reference_pass") and args.row not in BACKBONE_COMPILE:
         trainer.model.eval()
-        result["reference_pairs_per_s"] = timed_reference_pass(trainer, args.device, row_batch(args.row))[0]
+        try:  # an extra: its failure must not lose the row's training figures
+            result["reference_pairs_per_s"] = timed_reference_pass(trainer, args.device, row_batch(args.row))[0]
+        except Exception as error:  # noqa: BLE001
+            result["reference_pass_error"] = f"{type(error).__name__}: {error}"[:300]
     return result
 
 
@@ -671,6 +674,8 @@ def table(rows: list[dict], layout, args) -> str:
         text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
         lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
     for row in rows:
+        if row.get("reference_pass_error"):
+            lines.append(f"\n{row['row']}: its reference pass failed: {row['reference_pass_error']}")
         for one in row.get("passes", []):  # the reference-prepass row
             peak = "-" if one["peak_allocated_gib"] is None else f"{one['peak_allocated_gib']:.2f}"
             diff = one["max_abs_diff_vs_batch_8"]
