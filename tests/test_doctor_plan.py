@@ -4,6 +4,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 from conftest import rows_in_format, write_jsonl
 
 from dpolab import plan
@@ -75,33 +76,42 @@ def test_memory_components_by_hand():
     # kv_dim = 1 head * 4 = 4. params: embeddings 100*8 = 800; per layer: q 8*8 + k,v 2*8*4 + o 8*8 + MLP 3*8*16
     # + norms 2*8 = 64 + 64 + 64 + 384 + 16 = 592; two layers 1184; final norm 8: 1992
     assert tiny.params == 1992
-    # per token and layer, bf16 weights: two norms 2*(fp32 in 4*8 + out 2*8 + next projection's input 2*8) = 128;
-    # q and attention output 2*2*8 = 32; k and v 2*2*4 = 16; MLP 4*2*16 = 128
-    assert activation_bytes_per_token_layer(tiny) == 304
-    assert activation_bytes_per_token_layer(tiny, residual_bytes=4) == 304 + 2 * 2 * 8  # float32 norm outputs
-    # compiled layers (inductor recomputes pointwise results): each norm keeps its fp32 input and the next
-    # projection's bf16 input, 2*(4*8 + 2*8) = 96; attention as eager, 48; the MLP gate and up only, 2*2*16 = 64
-    assert activation_bytes_per_token_layer(tiny, residual_bytes=4, compiled=True) == 208
+    # per token and layer, bf16 weights: two norms 2*(fp32 in 4*8 + out 2*8 + fp32 inverse RMS 4) = 104; the
+    # projections' inputs, one per norm, 2*2*8 = 32; q and attention output 2*2*8 = 32, k and v 2*2*4 = 16 (2 query
+    # heads: a power of two, not repeated), logsumexp 4*2 = 8; MLP 4*2*16 = 128
+    assert activation_bytes_per_token_layer(tiny) == 320
+    # float32 weights under autocast: float32 norm outputs (+2*2*8) and q, k, v, gate, up each cast their own input
+    # (5 instead of 2 bf16 copies: +3*2*8)
+    assert activation_bytes_per_token_layer(tiny, residual_bytes=4) == 320 + 32 + 48 == 400
+    # compiled layers (inductor recomputes pointwise results): the layer's fp32 input 4*8, the norms' inverse RMS
+    # 2*4, the bf16 inputs of the attention, o_proj and the MLP 3*2*8, attention as eager 56, the MLP's gate, up and
+    # product 3*2*16
+    assert activation_bytes_per_token_layer(tiny, residual_bytes=4, compiled=True) == 32 + 8 + 48 + 56 + 96 == 240
+    # Qwen2-0.5B: 14 query heads (not a power of two) over 2 key/value heads, so k and v are kept repeated to 896
+    # wide: compiled 4h + 8 + 3*2h + (2*2h + 2*2h + 4*14) + 3*2i; eager 2*(4h + 4h + 4) + 5*2h + the same attention
+    # + 4*2i
+    assert activation_bytes_per_token_layer(QWEN, residual_bytes=4, compiled=True) == 45_376
+    assert activation_bytes_per_token_layer(QWEN, residual_bytes=4) == 69_440
     compiled = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, compiled=True, tokens=40))
-    assert compiled["activations (all layers kept, 40 tokens, compiled layers)"] == 40 * 2 * 208
+    assert compiled["activations (all layers kept, 40 tokens, compiled layers)"] == 40 * 2 * 240
     run = RunShape(batch=3, max_length=10, accumulation=1, checkpointing=False, weight_bytes=2)
     parts = estimate(tiny, run)
     tokens = 2 * 3 * 10  # worst case: chosen and rejected rows max_length long
     assert parts["weights (policy)"] == 1992 * 2 == parts["reference model"]
     assert parts["gradients"] == 100 * 8 * 2  # accumulation 1: only the head's gradient exists at the peak
     assert parts["optimizer states (AdamW)"] == 2 * 1992 * 2
-    assert parts[f"activations (all layers kept, {tokens} tokens)"] == tokens * 2 * 304
+    assert parts[f"activations (all layers kept, {tokens} tokens)"] == tokens * 2 * 320
     # TRL's chunked head: one fp32 tile of (scored tokens, at most 4096) x (vocabulary, at most 32768), plus the
     # head's fp32 gradient; about half the tokens are scored
     assert parts["LM head: fp32 logits tile + head gradient"] == 30 * 100 * 4 + 100 * 8 * 4
     checkpointed = estimate(tiny, RunShape(3, 10, 1, True, 2))
-    assert checkpointed[f"activations (checkpointed, {tokens} tokens)"] == tokens * (2 * 2 * 8 + 304)
+    assert checkpointed[f"activations (checkpointed, {tokens} tokens)"] == tokens * (2 * 2 * 8 + 320)
     accumulated = estimate(tiny, RunShape(3, 10, 2, False, 2))
     assert accumulated["gradients"] == 1992 * 2  # kept between micro-batches
     master = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, precompute_ref=True, tokens=40))
     assert master["bf16 weight copies (autocast)"] == 1992 * 2 and master["reference model"] == 0
     assert master["gradients"] == 0  # float32 weights: the head's fp32 accumulator (LM head row) is its gradient
-    assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * (304 + 32)
+    assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * 400
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))
     assert lora["reference model"] == 0 and lora["gradients"] == 2 * 4 * (16 + 12) * 4
     assert reserved(1000) == 1100 + plan.CUDA_CONTEXT_BYTES
@@ -188,3 +198,48 @@ def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, ti
     assert "CUDA ran out of memory at step 0 (micro-batch 4 x accumulation 1" in message
     assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in message
     assert "no checkpoint was saved yet" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("weights, compiled", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_activations_per_token_are_what_a_real_layer_keeps(weights, compiled):
+    """The plan's activation count against the tensors a Qwen2 decoder layer really saves for its backward (float32
+    weights under bf16 autocast, or bf16 weights; eager or compiled by inductor), counted with saved-tensor hooks:
+    each storage once, the weights (and autocast's copies of them) and the rotary tables (one per model) left out,
+    per token as the difference between two lengths."""
+    import torch
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa")  # fmt: skip
+    dtype = getattr(torch, weights)
+    layer = Qwen2DecoderLayer(config, 0).to(dtype).train()
+    if compiled:
+        layer.compile(dynamic=True)
+    rotary = Qwen2RotaryEmbedding(config)
+
+    def kept_bytes(length: int) -> int:
+        hidden = torch.randn(1, length, 64, dtype=dtype, requires_grad=True)
+        position_ids = torch.arange(length)[None]
+        cos, sin = rotary(hidden, position_ids)
+        left_out = {t.untyped_storage().data_ptr() for t in (cos, sin, *layer.parameters())}
+        seen = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            # autocast's bf16 copies of the weights are counted by the plan once per model, not per token
+            if storage.data_ptr() not in left_out and length in tensor.shape:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights == "float32"):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                output = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=(cos, sin))
+        (output[0] if isinstance(output, tuple) else output).float().sum().backward()
+        return sum(seen.values())
+
+    kept_bytes(96)  # compiles, where compiled
+    per_token = (kept_bytes(224) - kept_bytes(96)) // 128  # lengths no weight dimension equals
+    shape = plan.shape_from_config(config.to_dict())
+    residual_bytes = 4 if weights == "float32" else 2
+    assert per_token == plan.activation_bytes_per_token_layer(shape, residual_bytes, compiled)

@@ -10,8 +10,10 @@ the weights, their bf16 copies under autocast, AdamW's two states, the gradients
 accumulation keeps them between micro-batches, else the LM head's, allocated first), the reference model
 when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
 fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
-allocator's slack. Measured on an H100 (bench/RESULTS.md): within -7%..+14% of peak reserved for TRL's
-default, dpolab's fast path (eager and with compiled layers) and the smoke and full presets.
+allocator's slack and the CUDA context. Against an H100's measurements (bench/RESULTS.md): peak allocated within
+0.02 GiB for the fast path, eager and compiled, where the run's largest micro-batch is known; peak reserved +0% to
++15% for TRL's default, the fast path and the smoke and full presets (which plan for the 99.9th-percentile
+micro-batch, more than a short run meets).
 """
 
 from __future__ import annotations
@@ -98,22 +100,26 @@ def shape_from_config(config: dict) -> ModelShape:
 
 
 def activation_bytes_per_token_layer(model: ModelShape, residual_bytes: int = 2, compiled: bool = False) -> int:
-    """What autograd keeps per token and decoder layer, with flash/SDPA/Flex attention (no T^2 term).
+    """What autograd keeps per token and decoder layer, with flash/SDPA/Flex attention (no T^2 term): the tensors
+    a Qwen2 layer saves for its backward, counted one by one (tests/test_doctor_plan.py counts them on the CPU).
 
-    residual_bytes: 2 for bf16 weights, 4 for float32 weights (the residual stream stays float32 under autocast).
-    Each RMSNorm keeps its float32 input (4h) and its normalised output (residual_bytes x h) and the next
-    projection keeps its bf16 input (2h); attention keeps q and the attention output (2 x 2h) and k, v (2 x 2kv);
-    the SwiGLU MLP keeps gate, up, their activation and product (4 x 2i).
-    compiled (inductor, `torch_compile`): its partitioner recomputes pointwise results in the backward pass rather
-    than keeping them, so the norms' outputs and the MLP's activation and product are not kept (measured on an
-    H100: 3.4-3.6 GiB less than eager at 6,272 tokens, this count says 3.7; bench/RESULTS.md).
+    residual_bytes: 2 for bf16 weights, 4 for float32 weights under bf16 autocast (the residual stream stays float32).
+    Attention keeps q, its output, its float32 logsumexp per head, and k and v as the kernel reads them: repeated to
+    every query head when the query heads are not a power of two, as transformers does for FlexAttention (and for
+    SDPA with a mask). Eager: each RMSNorm keeps its float32 input, normalised output and float32 inverse RMS; each
+    projection its bf16 input (under autocast each of q, k, v, gate and up casts its own; bf16 weights share one per
+    norm); the SwiGLU MLP keeps gate, up, their activation and product. Compiled (inductor, `torch_compile`): the
+    layer's input, the norms' inverse RMS, the bf16 inputs of the attention, o_proj and the MLP, attention as
+    eager, and the MLP's gate, up and product; its partitioner recomputes the rest in the backward pass. Against
+    the H100's peak allocated (bench/RESULTS.md): within 0.02 GiB of the fast path's, eager and compiled.
     """
     h, kv, i = model.hidden, model.kv_dim, model.intermediate
-    attention = 2 * 2 * h + 2 * 2 * kv
+    repeated = model.kv_heads < model.heads and model.heads & (model.heads - 1) != 0
+    attention = 2 * 2 * h + 2 * 2 * (h if repeated else kv) + 4 * model.heads
     if compiled:
-        return 2 * (4 * h + 2 * h) + attention + 2 * 2 * i
-    norms = 2 * (4 * h + residual_bytes * h + 2 * h)
-    return norms + attention + 4 * 2 * i
+        return residual_bytes * h + 2 * 4 + 3 * 2 * h + attention + 3 * 2 * i
+    projection_inputs = 5 if residual_bytes == 4 else 2
+    return 2 * (4 * h + residual_bytes * h + 4) + projection_inputs * 2 * h + attention + 4 * 2 * i
 
 
 def lora_parameters(model: ModelShape, rank: int) -> int:

@@ -1,0 +1,66 @@
+"""`dpolab plan` against the peak memory measured on an H100 (bench/RESULTS.md, 2026-11-26), recomputed with the
+plan as it is now: the bench's data rebuilt as bench/train_speed.py builds it, each row's tokens per micro-batch as
+the bench counts them (the largest the row met, or the 99.9th percentile that `dpolab train` plans for).
+
+    PYTHONPATH=src python bench/plan_vs_h100.py     # a few seconds on the CPU; no GPU, no model weights
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_speed  # noqa: E402
+
+from dpolab import plan  # noqa: E402
+
+GIB = 2**30
+# (row, batch, accumulation, checkpointing, reference precomputed, compiled, tokens: "padded"/"packed" (largest met
+# over 40 steps of 8 pairs) or "p99.9" (the CLI's plan), measured peak allocated GiB, measured peak reserved GiB)
+MEASURED = [
+    ("TRL default", 8, 1, True, False, False, "padded", 10.69, 11.58),
+    ("fast path, eager, batch 8", 8, 1, False, True, False, "packed", 17.05, 19.22),
+    ("fast path, compiled layers, batch 8", 8, 1, False, True, True, "packed", 13.68, 14.72),
+    ("--preset smoke, eager (8 x 1, reference each step)", 8, 1, False, False, False, "p99.9", 19.12, 21.70),
+    ("--preset smoke --torch_compile true", 8, 1, False, False, True, "p99.9", 15.52, 16.56),
+    ("--preset full --gpu_memory_gib 24, eager (8 x 2)", 8, 2, False, False, False, "p99.9", 20.64, 22.82),
+]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = Path(work) / "model"
+        train_speed.build_tokenizer(model_dir)
+        data = train_speed.build_data(Path(work) / "data", 320, scale=1, seed=0)
+        layout = train_speed.token_layout({"model": str(model_dir), "data": str(data)}, 1024)
+    model = plan.shape_from_config(plan.KNOWN_CONFIGS["Qwen/Qwen2-0.5B-Instruct"])
+    batches = [layout[i : i + 8] for i in range(0, min(40 * 8, len(layout) - 7), 8)]
+    tokens = {
+        "padded": max(2 * 8 * max(p + max(c, r) for p, c, r in batch) for batch in batches),
+        "packed": max(-(-sum(p + c + r for p, c, r in batch) // 64) * 64 for batch in batches),
+        "p99.9": plan.batch_token_peak(layout, 8, packed=True, row_multiple=64),
+    }
+    print("| setting | tokens per micro-batch | plan allocated GiB | measured | plan reserved GiB | measured | plan / "
+          "measured reserved |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    for name, batch, accumulation, checkpointing, precomputed, compiled, kind, allocated, reserved in MEASURED:
+        shape = plan.RunShape(batch=batch, max_length=1024, accumulation=accumulation, checkpointing=checkpointing,
+                              weight_bytes=4, autocast=True, precompute_ref=precomputed, tokens=tokens[kind],
+                              compiled=compiled)  # fmt: skip
+        planned_allocated = sum(plan.estimate(model, shape).values()) / GIB
+        planned_reserved = plan.peak_reserved(model, shape) / GIB
+        print(
+            f"| {name} | {tokens[kind]:,} ({kind}) | {planned_allocated:.2f} | {allocated:.2f} | "
+            f"{planned_reserved:.2f} | {reserved:.2f} | {100 * (planned_reserved / reserved - 1):+.1f}% |"
+        )
+    for precomputed in (False, True):
+        shape = plan.RunShape(batch=16, max_length=1024, accumulation=1, checkpointing=False, weight_bytes=4,
+                              autocast=True, precompute_ref=precomputed, compiled=True)  # fmt: skip
+        chosen = plan.fit(model, shape, 24 * GIB, lambda b: plan.batch_token_peak(layout, b, True, 64))
+        print(f"\n--preset full --gpu_memory_gib 24 on this data, compiled, reference "
+              f"{'precomputed' if precomputed else 'each step'}: {chosen.batch} x {chosen.accumulation}, "
+              f"checkpointing {chosen.checkpointing}, {chosen.tokens:,} tokens, planned "
+              f"{plan.peak_reserved(model, chosen) / GIB:.2f} GiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
