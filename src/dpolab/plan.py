@@ -105,13 +105,16 @@ def activation_bytes_per_token_layer(model: ModelShape, residual_bytes: int = 2,
 
     residual_bytes: 2 for bf16 weights, 4 for float32 weights under bf16 autocast (the residual stream stays float32).
     Attention keeps q, its output, its float32 logsumexp per head, and k and v as the kernel reads them: repeated to
-    every query head when the query heads are not a power of two, as transformers does for FlexAttention (and for
-    SDPA with a mask). Eager: each RMSNorm keeps its float32 input, normalised output and float32 inverse RMS; each
-    projection its bf16 input (under autocast each of q, k, v, gate and up casts its own; bf16 weights share one per
-    norm); the SwiGLU MLP keeps gate, up, their activation and product. Compiled (inductor, `torch_compile`): the
-    layer's input, the norms' inverse RMS, the bf16 inputs of the attention, o_proj and the MLP, attention as
-    eager, and the MLP's gate, up and product; its partitioner recomputes the rest in the backward pass. Against
-    the H100's peak allocated (bench/RESULTS.md): within 0.02 GiB of the fast path's, eager and compiled.
+    every query head when the query heads are not a power of two, as transformers does for FlexAttention, the fast
+    path's attention on a GPU (SDPA with a mask, TRL's padded path, repeats them for any head count: not counted
+    for power-of-two models).
+    Eager: each RMSNorm keeps its float32 input, normalised output and float32 inverse RMS; each projection its
+    bf16 input (under autocast each of q, k, v, gate and up casts its own; bf16 weights share one per norm); the
+    SwiGLU MLP keeps gate, up, their activation and product.
+    Compiled (inductor, `torch_compile`): the layer's input, the norms' inverse RMS, the bf16 inputs of the
+    attention, o_proj and the MLP, attention as eager, and the MLP's gate, up and product; its partitioner
+    recomputes the rest in the backward pass.
+    Against the H100's peak allocated (bench/RESULTS.md): within 0.02 GiB of the fast path's, eager and compiled.
     """
     h, kv, i = model.hidden, model.kv_dim, model.intermediate
     repeated = model.kv_heads < model.heads and model.heads & (model.heads - 1) != 0
