@@ -110,6 +110,9 @@ def test_memory_components_by_hand():
     assert accumulated["gradients"] == 1992 * 2  # kept between micro-batches
     master = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, precompute_ref=True, tokens=40))
     assert master["bf16 weight copies (autocast)"] == 1992 * 2 and master["reference model"] == 0
+    # with checkpointing the forward keeps no weight copy; the layer recomputed in the backward keeps its own
+    master_checkpointed = estimate(tiny, RunShape(3, 10, 1, True, 4, autocast=True, precompute_ref=True, tokens=40))
+    assert tiny.layer_params == 592 and master_checkpointed["bf16 weight copies (autocast)"] == 592 * 2
     assert master["gradients"] == 0  # float32 weights: the head's fp32 accumulator (LM head row) is its gradient
     assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * 400
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))

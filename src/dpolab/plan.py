@@ -11,8 +11,8 @@ accumulation keeps them between micro-batches, else the LM head's, allocated fir
 when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
 fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
 allocator's slack and the CUDA context. Against an H100's measurements (bench/RESULTS.md): peak allocated within
-0.02 GiB for the fast path, eager and compiled, where the run's largest micro-batch is known; peak reserved +0% to
-+15% for TRL's default, the fast path and the smoke and full presets (which plan for the 99.9th-percentile
+0.04 GiB for TRL's default and the fast path, eager and compiled, where the run's largest micro-batch is known;
+peak reserved +0% to +15% for those and the smoke and full presets (which plan for the 99.9th-percentile
 micro-batch, more than a short run meets).
 """
 
@@ -58,13 +58,17 @@ class ModelShape:
         return self.kv_heads * self.hidden // self.heads
 
     @property
-    def params(self) -> int:
-        """Parameters of a Llama/Qwen2-style decoder: embeddings, attention, SwiGLU MLP, RMSNorms, LM head."""
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: attention, SwiGLU MLP, two RMSNorms."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         attention = h * h + 2 * h * kv + h * h + ((h + 2 * kv) if self.qkv_bias else 0)
-        per_layer = attention + 3 * h * i + 2 * h
-        embeddings = self.vocab * h * (1 if self.tied else 2)
-        return embeddings + self.layers * per_layer + h
+        return attention + 3 * h * i + 2 * h
+
+    @property
+    def params(self) -> int:
+        """Parameters of a Llama/Qwen2-style decoder: embeddings, decoder layers, final RMSNorm, LM head."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * self.layer_params + self.hidden
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,13 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         activations = tokens * model.layers * per_layer
     scored = tokens // 2  # the head scores completion tokens only: at most about half of a micro-batch
     head_tile = min(scored, HEAD_TILE_TOKENS) * min(model.vocab, HEAD_TILE_VOCAB) * 4
+    # autocast's bf16 copies of float32 weights live while an op keeps them for the backward: every layer's when the
+    # activations are kept; with checkpointing the forward keeps nothing and one layer is recomputed at a time (on
+    # the H100, TRL's default row was 0.93 GiB under the plan that counted them all)
+    copies = (model.layer_params if run.checkpointing else model.params) * 2
     return {
         "weights (policy)": model.params * run.weight_bytes,
-        "bf16 weight copies (autocast)": model.params * 2 if run.autocast and run.weight_bytes == 4 else 0,
+        "bf16 weight copies (autocast)": copies if run.autocast and run.weight_bytes == 4 else 0,
         "gradients": trainable * trainable_bytes if run.accumulation > 1 or run.peft else head_gradient,
         "optimizer states (AdamW)": 2 * trainable * trainable_bytes,
         "reference model": 0 if (run.peft or run.precompute_ref) else model.params * run.weight_bytes,
