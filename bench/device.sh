@@ -30,9 +30,9 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 # The first three rows (the issue's side by side and the full preset's memory) take ~4.5 minutes on an H100.
 # Then the levers that may reach 35% MFU first (CUDA graphs over the whole backbone), then the gains' attribution.
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,\
-dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
-dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,\
-dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
+dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
+dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,\
+dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $PROFILE_FLAG --out "$OUT" --work /tmp/bench-work \

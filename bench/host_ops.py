@@ -73,12 +73,8 @@ class Census:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        self.calls, self.syncs, self.layer_depth, self.backward_layers = (
-            collections.Counter(),
-            collections.Counter(),
-            0,
-            0,
-        )
+        self.calls, self.syncs = collections.Counter(), collections.Counter()
+        self.layer_depth = self.backward_layers = 0
         census = self
 
         class Mode(TorchDispatchMode):

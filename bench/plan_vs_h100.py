@@ -34,10 +34,9 @@ def main() -> None:
         data = train_speed.build_data(Path(work) / "data", 320, scale=1, seed=0)
         layout = train_speed.token_layout({"model": str(model_dir), "data": str(data)}, 1024)
     model = plan.shape_from_config(plan.KNOWN_CONFIGS["Qwen/Qwen2-0.5B-Instruct"])
-    batches = [layout[i : i + 8] for i in range(0, min(40 * 8, len(layout) - 7), 8)]
     tokens = {
-        "padded": max(2 * 8 * max(p + max(c, r) for p, c, r in batch) for batch in batches),
-        "packed": max(-(-sum(p + c + r for p, c, r in batch) // 64) * 64 for batch in batches),
+        "padded": train_speed.largest_micro_batch(layout, 8, 40, packed=False),
+        "packed": train_speed.largest_micro_batch(layout, 8, 40, packed=True, row_multiple=64),
         "p99.9": plan.batch_token_peak(layout, 8, packed=True, row_multiple=64),
     }
     print("| setting | tokens per micro-batch | plan allocated GiB | measured | plan reserved GiB | measured | plan / "

@@ -56,9 +56,8 @@ OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "
                  "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
-                 "dpolab-fast-compile-gqa",
-                 "dpolab-fast-compile-b16",
-                 "cli-smoke-eager", "reference-prepass", "trl-bf16-precompute", "dpolab-fast-liger",
+                 "dpolab-fast-compile-gqa", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
+                 "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
@@ -611,6 +610,16 @@ def row_batch(row: str) -> int:
     return ROW_FIELDS.get(row, {}).get("per_device_train_batch_size", 8)
 
 
+def largest_micro_batch(layout: list[tuple[int, int, int]], batch: int, steps: int, packed: bool,
+                        row_multiple: int = 1) -> int:  # fmt: skip
+    """Tokens in the largest micro-batch a row met over `steps` sequential batches: packed (each prompt once, the
+    row rounded up to `row_multiple`) or TRL's padded rows (chosen and rejected padded to the longest)."""
+    batches = [layout[i : i + batch] for i in range(0, min(steps * batch, len(layout) - batch + 1), batch)]
+    if packed:
+        return max(-(-sum(p + c + r for p, c, r in b) // row_multiple) * row_multiple for b in batches)
+    return max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
+
+
 def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float | None:
     """`dpolab plan`'s peak reserved (GiB) for a row, for the largest micro-batch the row really ran (the sequential
     sampler starts the data again after its last pair)."""
@@ -619,12 +628,11 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
     model = plan.model_shape(row["model"])
     fields, batch = ROW_FIELDS.get(row["row"], {}), row_batch(row["row"])
     compiled = fields.get("torch_compile", False) or row["row"] in BACKBONE_COMPILE  # compiled in run_row
-    batches = [layout[i : i + batch] for i in range(0, min(steps * batch, len(layout) - batch + 1), batch)]
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
-        tokens = max(2 * batch * max(p + max(c, r) for p, c, r in b) for b in batches)
+        tokens = largest_micro_batch(layout, batch, steps, packed=False)
     elif row["row"].startswith("dpolab-fast"):
         multiple = packing.row_multiple(compiled, fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of"))
-        tokens = max(-(-sum(p + c + r for p, c, r in b) // multiple) * multiple for b in batches)
+        tokens = largest_micro_batch(layout, batch, steps, packed=True, row_multiple=multiple)
     else:
         return None
     shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
