@@ -52,7 +52,7 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 # The issue's side by side (TRL's default, the fast path as `dpolab train` runs it on CUDA: compiled layers) and the
 # full preset's memory; then the rest, each started only before --budget_s
 REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
-OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "dpolab-fast-compile-512",
+OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
@@ -60,10 +60,10 @@ OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-cudagraphs", "
                  "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
+CUDA_GRAPHS = {"torch_compile": True, "torch_compile_mode": "reduce-overhead"}
 ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast": {},
     "dpolab-fast-compile": {"torch_compile": True},  # decoder layers compiled in place (packing.compile_layers)
-    "dpolab-fast-compile-cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "dpolab-fast-compile-512": {"torch_compile": True, "pad_to_multiple_of": 512},  # fewer row lengths, no graphs
     "dpolab-fast-compile-cpp-wrapper": {"torch_compile": True},  # + INDUCTOR_CONFIG below
     # logging every 10 steps, as the full preset does: the loss and grad norm read on the host one step in 10
@@ -76,14 +76,15 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
         "accelerator_config": {"non_blocking": False},
     },
     "dpolab-fast-compile-trl-head": {"torch_compile": True},  # today's step but TRL's LM head (TRL_HEAD_ROWS)
-    # the whole backbone compiled as one graph (BACKBONE_COMPILE; the pre-pass runs eager), not each layer: one
-    # guard check and two graph calls per step instead of 24 and 48 (the H100 profile: ~32 ms of the graphs' Python
-    # wrappers and 5 ms of guards per step); its compilation takes longer
+    # the whole backbone compiled as one graph after the pre-pass (packing.compile_backbone, here in the default
+    # mode: WHOLE_BACKBONE_ROW), not each layer: one guard check and two graph calls per step instead of 24 and 48
+    # (the H100 profile: ~32 ms of the graphs' Python wrappers and 5 ms of guards per step)
     "dpolab-fast-compile-backbone": {},
-    # the same graph replayed as a CUDA graph, one recording per row length (rows rounded to 512 tokens): no kernel
-    # launched from Python in the backbone (per layer, CUDA graphs were a dead end: 24 backwards left pending)
-    "dpolab-fast-compile-backbone-cudagraphs": {"pad_to_multiple_of": 512},
-    "dpolab-fast-compile-backbone-cudagraphs-gqa": {"pad_to_multiple_of": 512},  # + GQA_ROWS: both levers at once
+    # `dpolab train --torch_compile_mode reduce-overhead`: that graph replayed as a CUDA graph, one recording per row
+    # length (rows rounded to 512 tokens): no kernel launched from Python in the backbone (per layer, CUDA graphs
+    # were a dead end: 24 backwards left pending)
+    "dpolab-fast-compile-backbone-cudagraphs": CUDA_GRAPHS,
+    "dpolab-fast-compile-backbone-cudagraphs-gqa": CUDA_GRAPHS,  # + GQA_ROWS: both levers at once
     "dpolab-fast-compile-gqa": {"torch_compile": True},  # + FlexAttention with grouped K/V (gqa_flex_attention)
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
@@ -95,9 +96,11 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
 # inductor settings of a row: cpp_wrapper launches a compiled graph's kernels from C++ rather than Python (the
 # graphs' Python wrappers took ~32 ms of host time per step in the H100 profile of 2026-11-26)
 INDUCTOR_CONFIG = {"dpolab-fast-compile-cpp-wrapper": {"cpp_wrapper": True}}
-# rows that compile the whole backbone in place (the weights keep their names) in this torch.compile mode
-BACKBONE_COMPILE = {"dpolab-fast-compile-backbone": None, "dpolab-fast-compile-backbone-cudagraphs": "reduce-overhead",
-                    "dpolab-fast-compile-backbone-cudagraphs-gqa": "reduce-overhead"}  # fmt: skip
+# the row whose whole backbone the bench compiles in the default mode (dpolab train does it for the CUDA-graph modes)
+WHOLE_BACKBONE_ROW = "dpolab-fast-compile-backbone"
+# rows whose backbone is compiled as one graph after their reference pre-pass, which ran eager
+WHOLE_BACKBONE_ROWS = (WHOLE_BACKBONE_ROW, "dpolab-fast-compile-backbone-cudagraphs",
+                       "dpolab-fast-compile-backbone-cudagraphs-gqa")  # fmt: skip
 # rows whose FlexAttention reads K/V grouped (gqa_flex_attention)
 GQA_ROWS = ("dpolab-fast-compile-gqa", "dpolab-fast-compile-backbone-cudagraphs-gqa")
 # rows whose batches leave out the answer positions, so TRL's fused LM head scores them (packing.answer_head_forward)
@@ -434,8 +437,10 @@ def run_row(args) -> dict:
         from trl import DPOTrainer
 
         trainer.compute_loss = types.MethodType(DPOTrainer.compute_loss, trainer)
-    if args.row in BACKBONE_COMPILE:
-        trainer.model.base_model.compile(dynamic=True, mode=BACKBONE_COMPILE[args.row])
+    if args.row == WHOLE_BACKBONE_ROW:
+        from dpolab import packing
+
+        packing.compile_backbone(trainer.model, "inductor", None)
     if args.row in TRL_HEAD_ROWS:
         from dpolab.packing import ANSWER_KEYS
 
@@ -473,11 +478,13 @@ def run_row(args) -> dict:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)  # fmt: skip
     # dpolab's pre-pass timed again, warm: in eval mode as at set-up, where the compiled layers' inference graph
-    # was compiled (in training mode they would compile again); not for the backbone rows, whose set-up pass ran
-    # eager (a compiled one would compile the whole backbone once more, inside the timing)
-    if hasattr(trainer, "reference_pass") and args.row not in BACKBONE_COMPILE:
+    # was compiled (in training mode they would compile again); eager for the whole-backbone rows, as their set-up
+    # pass ran before the backbone was compiled (compiled, it would compile once more, inside the timing)
+    if hasattr(trainer, "reference_pass"):
         trainer.model.eval()
+        stance = "force_eager" if args.row in WHOLE_BACKBONE_ROWS else "default"
         try:  # an extra: its failure must not lose the row's training figures
+            torch.compiler.set_stance(stance)
             if args.row == "dpolab-fast-compile":  # also at larger batches: what `precompute_ref_batch_size` could be
                 result["passes"] = reference_passes(trainer, args.device)
                 result["reference_pairs_per_s"] = result["passes"][0]["pairs_per_s"]  # batch 8, the row's
@@ -627,7 +634,7 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
 
     model = plan.model_shape(row["model"])
     fields, batch = ROW_FIELDS.get(row["row"], {}), row_batch(row["row"])
-    compiled = fields.get("torch_compile", False) or row["row"] in BACKBONE_COMPILE  # compiled in run_row
+    compiled = fields.get("torch_compile", False) or row["row"] == WHOLE_BACKBONE_ROW  # compiled in run_row
     if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = largest_micro_batch(layout, batch, steps, packed=False)
     elif row["row"].startswith("dpolab-fast"):

@@ -664,24 +664,62 @@ def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, ti
     assert trainer.args.torch_compile is False and trainer.data_collator.__class__.__module__.startswith("trl")
 
 
-def test_cuda_graph_modes_on_compiled_layers_are_warned(tiny_model_dir, tmp_path, tiny_config, monkeypatch, capsys):
-    """reduce-overhead around each compiled layer ran 10x slower on an H100 (bench/RESULTS.md): say so."""
-    from transformers import AutoModelForCausalLM
+def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(tmp_path, tiny_config, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    """reduce-overhead around each compiled layer left 24 backwards pending and ran 10x slower on an H100
+    (bench/RESULTS.md): under the CUDA-graph modes the whole backbone is compiled as one graph, after the reference
+    pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
+    graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs,
+    eager's values) and saves its weights under their usual names."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
 
-    from dpolab import train
-    from dpolab.config import parse_train_args
+    events = []
 
-    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
-    config = parse_train_args(["--config", str(tiny_config(data)), "--torch_compile", "true",
-                               "--torch_compile_mode", "reduce-overhead"])  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    train.compile_decoder_layers(model, config.training)
-    assert "WARNING" not in capsys.readouterr().err  # the CPU records no CUDA graphs
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    train.compile_decoder_layers(model, config.training)
-    err = capsys.readouterr().err
-    assert "torch_compile_mode reduce-overhead records CUDA graphs around each compiled layer" in err
-    assert "Leave torch_compile_mode unset." in err
+    def spy(name, function):
+        def called(*args, **kwargs):
+            events.append((name, args[2] if name.startswith("compile") else None, counters["frames"]["ok"]))
+            return function(*args, **kwargs)
+
+        return called
+
+    trainer_class = packing.reference_trainer_class()
+    monkeypatch.setattr(trainer_class, "reference_pass", spy("pre-pass", trainer_class.reference_pass))
+    monkeypatch.setattr(packing, "compile_backbone", spy("compile_backbone", packing.compile_backbone))
+    monkeypatch.setattr(packing, "compile_layers", spy("compile_layers", packing.compile_layers))
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
+    graphs = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager",
+              "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
+    for run, overrides in (("precomputed", {"precompute_ref_log_probs": True}),
+                           ("reference-each-step", {"precompute_ref_log_probs": False})):  # fmt: skip
+        config = str(tiny_config(data, max_steps=4, learning_rate=5e-3, train_sampling_strategy="sequential",
+                                 **overrides))  # fmt: skip
+        torch._dynamo.reset()
+        events.clear()
+        before = counters["frames"]["ok"]  # torch 2.11's reset leaves the counters, 2.13's clears them
+        assert main(["train", "--config", config, "--run_name", run, *graphs]) == 0
+        out = capsys.readouterr().out
+        assert "torch_compile: mode reduce-overhead: the whole backbone compiled in place as one graph" in out
+        assert "rows rounded to 512 tokens" in out
+        assert counters["frames"]["ok"] > before  # dynamo compiled
+        names = [name for name, _, _ in events]
+        if run == "precomputed":
+            assert names == ["pre-pass", "compile_backbone"], events  # no layer compiled, the backbone after
+            assert events[-1][1:] == ("reduce-overhead", before)  # the pre-pass compiled nothing
+        else:
+            assert names == ["compile_layers", "compile_backbone"], events  # the reference's, then the policy's
+            assert events[0][1] is None  # the reference's layers: default mode, no CUDA graphs per layer
+        assert main(["train", "--config", config, "--run_name", f"{run}-eager"]) == 0
+        capsys.readouterr()
+        compiled, eager = losses(tmp_path / "runs" / run), losses(tmp_path / "runs" / f"{run}-eager")
+        assert len(compiled) == len(eager) == 4
+        for a, b in zip(compiled, eager, strict=True):
+            for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (run, a["step"], key)
+        assert compiled[-1]["rewards/margins"] != compiled[0]["rewards/margins"]  # it learned
+        weights = [set(load_file(path)) for name in (run, f"{run}-eager")
+                   for path in (tmp_path / "runs" / name / "final").glob("*.safetensors")]  # fmt: skip
+        assert weights[0] == weights[1] and weights[0]  # the same names: nothing added by compiling
 
 
 @pytest.mark.parametrize("stage", ["pre-pass", "training"])

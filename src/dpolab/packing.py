@@ -262,9 +262,14 @@ def packed_backbone_forward(original_forward, attention_implementation: str):
     return forward
 
 
+def transformers_model(model):
+    """The transformers model itself: a PEFT model's base model, or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def install(model) -> None:
     """Make `model`'s backbone take packed batches (a PEFT model: the backbone of its base model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     backbone = base.base_model
     if getattr(backbone, "_dpolab_packed", False):
         return
@@ -345,7 +350,7 @@ def install_answer_head_on(model, outputs: tuple[str, ...]) -> str | None:
     transforms = [name for name in LOGIT_TRANSFORMS if getattr(model.config.get_text_config(), name, None) is not None]
     if transforms:
         return f"the model's logits are transformed ({', '.join(transforms)}): TRL's LM head computes that"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     if not getattr(base, "_dpolab_answer_head", False):
         base.forward = types.MethodType(answer_head_forward(base.forward, outputs), base)
         base._dpolab_answer_head = True
@@ -392,6 +397,19 @@ def compile_layers(model, backend: str, mode: str | None) -> int:
     for layer in layers:
         layer.compile(backend=backend, mode=mode, dynamic=True)
     return len(layers)
+
+
+def compile_backbone(model, backend: str, mode: str | None) -> None:
+    """Compile the whole backbone in place as one graph with dynamic shapes: the packed row's mask, every decoder
+    layer and the final norm (`dpolab train` does it for the CUDA-graph modes, `reduce-overhead` and
+    `max-autotune`).
+
+    Why not each layer under those modes: PyTorch's CUDA-graph trees expect a forward graph and then its backward;
+    24 separately compiled layers leave 24 backwards pending, and PyTorch left its fast path (7.5 pairs/s on an H100
+    against 71.8 without graphs, bench/RESULTS.md). The whole backbone is one forward and one backward per step,
+    recorded once per row length (rows rounded to CUDA_GRAPH_ROW_MULTIPLE tokens), and replayed without launching
+    its kernels from Python. The weights keep their names, as in `compile_layers`."""
+    transformers_model(model).base_model.compile(backend=backend, mode=mode, dynamic=True)
 
 
 # --- reference log-probs once -------------------------------------------------------------------------------------

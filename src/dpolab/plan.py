@@ -307,6 +307,13 @@ def run(config: PlanConfig) -> int:
           f"{on_off(shape.precompute_ref)}, compiled layers {on_off(shape.compiled)}; worst case: every sequence "
           "max_length long")  # fmt: skip
     print(format_components(components))
+    mode = config.train.training.torch_compile_mode
+    if shape.compiled and mode:
+        from dpolab.packing import CUDA_GRAPH_MODES  # imports torch: only where a mode is set
+
+        if mode in CUDA_GRAPH_MODES:
+            print(f"  not counted: the memory pool of the CUDA graphs that torch_compile_mode {mode} records (one "
+                  "per row length; not measured yet)")  # fmt: skip
     allocated = sum(components.values())
     total = reserved(allocated)
     print(f"  {'allocator slack and CUDA context':<58}{(total - allocated) / GIB:>8.2f} GiB")

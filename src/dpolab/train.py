@@ -317,7 +317,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
             )  # fmt: skip
             print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
             if training.torch_compile:
-                trainer_args = compile_decoder_layers(model, training)
+                trainer_args = compile_fast_path(model, training)
         else:
             print(f"Fast path off: {reason}.")
             if training.torch_compile and "torch_compile" not in config.given:  # the default was the fast path's
@@ -348,10 +348,14 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
             reference = trainer.accelerator.unwrap_model(trainer.ref_model)
             packing.install(reference)
-            if trainer_args is not training:  # dpolab compiled the policy's layers: the reference's too
-                packing.compile_layers(reference, training.torch_compile_backend, training.torch_compile_mode)
+            if trainer_args is not training:  # dpolab compiles the policy: the reference's layers too
+                mode = training.torch_compile_mode  # no CUDA graphs per layer (packing.compile_backbone says why)
+                packing.compile_layers(reference, training.torch_compile_backend,
+                                       None if mode in packing.CUDA_GRAPH_MODES else mode)  # fmt: skip
     if collator is not None and (reason := packing.install_answer_head(trainer)) is not None:
         print(f"Fast path: TRL's LM head, with its waits for the GPU ({reason}).")
+    if trainer_args is not training and training.torch_compile_mode in packing.CUDA_GRAPH_MODES:
+        packing.compile_backbone(model, training.torch_compile_backend, training.torch_compile_mode)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
     for callback in list(trainer.callback_handler.callbacks):  # TensorBoard etc. log after the weight metrics
@@ -368,24 +372,27 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     return trainer
 
 
-def compile_decoder_layers(model, training):
-    """TRL's `torch_compile` on the fast path: dpolab compiles the decoder layers in place (`packing.compile_layers`
-    says why) and returns the training arguments the trainer gets, without accelerate's whole-model compile."""
-    import torch
-
+def compile_fast_path(model, training):
+    """TRL's `torch_compile` on the fast path, in place and without accelerate's whole-model compile: each decoder
+    layer now (`packing.compile_layers` says why), or under the CUDA-graph modes the whole backbone once the
+    reference pre-pass is done (`packing.compile_backbone`, called by build_trainer). Returns the training
+    arguments the trainer gets."""
     from dpolab import packing
 
     if training.distributed_state.distributed_type in ("DEEPSPEED", "FSDP"):  # accelerate compiles after sharding
         print("torch_compile: left to accelerate (sharded weights are compiled after they are wrapped)")
         return training
-    if training.torch_compile_mode in packing.CUDA_GRAPH_MODES and torch.cuda.is_available():
-        print(f"WARNING: torch_compile_mode {training.torch_compile_mode} records CUDA graphs around each compiled "
-              "layer, which ran at 7.5 pairs/s against 71.8 without them on an H100 (PyTorch leaves its fast path "
-              "while backward passes are pending; bench/RESULTS.md). Leave torch_compile_mode unset.",
-              file=sys.stderr, flush=True)  # fmt: skip
-    layers = packing.compile_layers(model, training.torch_compile_backend, training.torch_compile_mode)
-    print(f"torch_compile: {layers} decoder layers compiled in place ({training.torch_compile_backend}, mode "
-          f"{training.torch_compile_mode or 'default'}, dynamic shapes); compiling takes the first steps")  # fmt: skip
+    backend, mode = training.torch_compile_backend, training.torch_compile_mode
+    if mode in packing.CUDA_GRAPH_MODES:
+        print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
+              "shapes) after the reference pre-pass, one CUDA graph recorded per row length (rows rounded to "
+              f"{packing.row_multiple(True, mode, training.pad_to_multiple_of)} tokens). Not yet measured on a GPU; "
+              "leaving torch_compile_mode "
+              "unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).", flush=True)  # fmt: skip
+    else:
+        layers = packing.compile_layers(model, backend, mode)
+        print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
+              "dynamic shapes); compiling takes the first steps")  # fmt: skip
     trainer_args = copy.copy(training)
     trainer_args.torch_compile, trainer_args.torch_compile_backend, trainer_args.torch_compile_mode = False, None, None
     return trainer_args
