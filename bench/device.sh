@@ -28,8 +28,9 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   date -u
 } > "$OUT/machine.txt"
 # The first three rows (the issue's side by side and the full preset's memory) take ~4.5 minutes on an H100.
-# Then the levers that may reach 35% MFU first (CUDA graphs over the whole backbone), then the gains' attribution.
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,\
+# Then the levers that may reach 35% MFU first (CUDA graphs over the whole backbone; FlexAttention alone: why its
+# kernels took 17 ms a step), then the gains' attribution.
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,flex-attention,\
 dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
 dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,\
 dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}

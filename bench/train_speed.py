@@ -57,7 +57,7 @@ OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
                  "dpolab-fast-compile-gqa", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
-                 "trl-bf16-precompute", "dpolab-fast-liger",
+                 "flex-attention", "trl-bf16-precompute", "dpolab-fast-liger",
                  "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 CUDA_GRAPHS = {"torch_compile": True, "torch_compile_mode": "reduce-overhead"}
@@ -416,6 +416,10 @@ def run_row(args) -> dict:
     result = {"row": args.row}
     if args.row.startswith("cli-"):
         return run_cli_row(args, world, result)
+    if args.row == "flex-attention":  # one layer's attention alone, on a packed row of this workload's shape
+        import flex_attention
+
+        return result | flex_attention.measure(args.device)
     from dpolab.models import load_tokenizer
 
     for name, value in INDUCTOR_CONFIG.get(args.row, {}).items():
@@ -693,6 +697,10 @@ def table(rows: list[dict], layout, args) -> str:
         text = ["-" if value is None else format(value, spec) for value, spec in zip(cells, formats)]
         lines.append(f"| {row['row']} | " + " | ".join(text) + f" | {'-' if diff is None else format(diff, '.2e')} |")
     for row in rows:
+        if row["row"] == "flex-attention" and "variants" in row:
+            import flex_attention
+
+            lines.append("\n" + flex_attention.text(row))
         if row.get("reference_pass_error"):
             lines.append(f"\n{row['row']}: its reference pass failed: {row['reference_pass_error']}")
         for one in row.get("passes", []):  # the reference-prepass and dpolab-fast-compile rows
