@@ -14,8 +14,9 @@ Rows: TRL's default (float32 weights + bf16 autocast, activation checkpointing, 
 padded batches); dpolab's fast path (the same float32 master weights, pairs packed with each prompt computed
 once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing, decoder layers compiled as
 `dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers); `dpolab
-train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code. Every row records the share
-of weights its updates changed, its peak memory, and its per-step losses (compared with TRL's default).
+train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code; `flex-attention`: one layer's
+attention alone (bench/flex_attention.py). Every training row records the share of weights its updates changed, its
+peak memory, and its per-step losses (compared with TRL's default).
 
 Faster must not mean different: the fast path's per-step loss must match TRL's default on the same data.
 Tolerance 1e-2 absolute per step: under bf16 autocast each per-token log-prob carries ~1e-2 of rounding
