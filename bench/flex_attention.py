@@ -12,7 +12,8 @@ compiled as the compiled layer runs it, and variants that say where the time goe
 - `transformers, dpolab mask, dynamic`: transformers 5.24's `flex_attention_forward` (K/V repeated to Qwen2-0.5B's 14
   query heads, as it does when the head count is not a power of two; the log-sum-exp returned), with dpolab's block
   mask, under `torch.compile(dynamic=True)`: what each compiled decoder layer runs;
-- `... static`: the same compiled for this row's length only;
+- `... static`: the same compiled for this row's length only; `... forward tiles 64 x 64`: the forward kernel with
+  query tiles of 64 rather than its default (twice the programs in a grid of ~550, each with a short loop);
 - `grouped K/V`: `flex_attention(..., enable_gqa=True)` on the 2 K/V heads (the bench's GQA rows);
 - `causal mask` and `no mask`: the same call with `create_block_mask`'s causal mask and with none (every key block):
   the time a mask with no pair structure, and one with no sparsity, costs.
@@ -88,8 +89,13 @@ def variants(backend: str) -> dict:
     def as_transformers_calls(query, key, value, block_mask):  # K/V with 2 heads in: it repeats them to 14
         return flex_attention_forward(layer, query, key, value, block_mask, scaling=HEAD_DIM**-0.5)[0]
 
-    def grouped(query, key, value, block_mask):
-        return flex_attention(query, key, value, block_mask=block_mask, scale=HEAD_DIM**-0.5, enable_gqa=True)
+    def smaller_tiles(query, key, value, block_mask):  # twice the programs in the forward's grid
+        return flex_attention_forward(layer, query, key, value, block_mask, scaling=HEAD_DIM**-0.5,
+                                      kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})[0]  # fmt: skip
+
+    def grouped(query, key, value, block_mask):  # laid out as transformers returns it: [1, T, heads, head dim]
+        output = flex_attention(query, key, value, block_mask=block_mask, scale=HEAD_DIM**-0.5, enable_gqa=True)
+        return output.transpose(1, 2)
 
     def compiled(function, dynamic):
         return torch.compile(function, backend=backend, dynamic=dynamic)
@@ -97,14 +103,16 @@ def variants(backend: str) -> dict:
     return {
         "transformers, dpolab mask, dynamic (the compiled layer's)": (compiled(as_transformers_calls, True), "dpolab"),
         "transformers, dpolab mask, static": (compiled(as_transformers_calls, False), "dpolab"),
+        "transformers, dpolab mask, dynamic, forward tiles 64 x 64": (compiled(smaller_tiles, True), "dpolab"),
         "grouped K/V (enable_gqa), dpolab mask, dynamic": (compiled(grouped, True), "dpolab"),
         "transformers, causal mask, dynamic": (compiled(as_transformers_calls, True), "causal"),
         "transformers, no mask, dynamic": (compiled(as_transformers_calls, True), "none"),
     }
 
 
-def timed(function, inputs, block_mask, device: str, backward: bool) -> tuple[float, float | None]:
-    """Mean forward and backward microseconds over REPEATS calls, after 3 warm-up calls (compilation)."""
+def timed(function, inputs, block_mask, device: str, backward: bool):
+    """Mean forward and backward microseconds over REPEATS calls, after 3 warm-up calls (compilation), and the
+    last output."""
     import torch
 
     def call():
@@ -138,7 +146,7 @@ def timed(function, inputs, block_mask, device: str, backward: bool) -> tuple[fl
             forward_us.append((middle - started) * 1e6)
             backward_us.append((time.perf_counter() - middle) * 1e6)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return mean(forward_us), mean(backward_us) if backward else None
+    return mean(forward_us), mean(backward_us) if backward else None, output.detach()
 
 
 def measure(device: str) -> dict:
@@ -157,14 +165,17 @@ def measure(device: str) -> dict:
 
     inputs = (tensor(HEADS), tensor(KV_HEADS), tensor(KV_HEADS))
     built = masks(pair, segment)
-    results = []
+    results, first = [], None
     for name, (function, mask_name) in variants(backend).items():
         torch._dynamo.reset()  # the variants share code objects: each compiles afresh, as named
         visited = visited_blocks(built[mask_name], length)
         result = {"variant": name, "visited_blocks": visited}
         try:  # FlexAttention has no backward on the CPU: forward only there
-            result["forward_us"], result["backward_us"] = timed(function, inputs, built[mask_name], device,
-                                                                backward=device == "cuda")  # fmt: skip
+            result["forward_us"], result["backward_us"], output = timed(function, inputs, built[mask_name], device,
+                                                                        backward=device == "cuda")  # fmt: skip
+            if mask_name == "dpolab":  # the same attention: the same output, whatever the kernel
+                first = output if first is None else first
+                result["max_abs_diff"] = float((output.float() - first.float()).abs().max())
             flop = 4 * HEADS * HEAD_DIM * visited * 128 * 128
             result["forward_tflops_over_visited"] = flop / (result["forward_us"] * 1e-6) / 1e12
         except Exception as error:  # noqa: BLE001 (one variant failing must not lose the others)
@@ -178,15 +189,16 @@ def measure(device: str) -> dict:
 def text(measured: dict) -> str:
     lines = [f"FlexAttention alone, one layer, a packed row of {measured['row_tokens']:,} tokens "
              f"({measured['query_blocks']} query blocks of 128, {PAIRS} pairs), 14 query heads, head dim 64:", "",
-             "| variant | key blocks visited | forward us | backward us | forward TFLOP/s over visited blocks |",
-             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| variant | key blocks visited | forward us | backward us | forward TFLOP/s over visited blocks | "
+             "max abs diff from the first |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for one in measured["variants"]:
         if "error" in one:
-            lines.append(f"| {one['variant']} | {one['visited_blocks']} | failed: {one['error'][:120]} | | |")
+            lines.append(f"| {one['variant']} | {one['visited_blocks']} | failed: {one['error'][:120]} | | | |")
             continue
         backward = "-" if one["backward_us"] is None else f"{one['backward_us']:.0f}"
+        diff = f"{one['max_abs_diff']:.1e}" if "max_abs_diff" in one else "-"  # other masks: other outputs
         lines.append(f"| {one['variant']} | {one['visited_blocks']} | {one['forward_us']:.0f} | {backward} | "
-                     f"{one['forward_tflops_over_visited']:.1f} |")  # fmt: skip
+                     f"{one['forward_tflops_over_visited']:.1f} | {diff} |")  # fmt: skip
     return "\n".join(lines)
 
 
