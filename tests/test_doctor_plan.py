@@ -151,6 +151,9 @@ def test_plan_command_for_the_full_preset(capsys):
     assert "494M parameters" in out and "LM head: fp32 logits tile" in out and "bf16 weight copies" in out
     assert "fits 24 GiB" in out and "recommended for 24 GiB (same global batch 16)" in out
     assert "compiled layers on" in out  # what `dpolab train` does on a GPU (train.choose_torch_compile)
+    assert "not counted" not in out
+    assert main(["plan", "--preset", "full", "--torch_compile_mode", "reduce-overhead"]) == 0
+    assert "not counted: the memory pool of the CUDA graphs" in capsys.readouterr().out  # not measured yet
     assert main(["plan", "--preset", "full", "--torch_compile", "false"]) == 0
     assert "compiled layers off" in capsys.readouterr().out
     assert main(["plan", "--preset", "lora"]) == 0
@@ -182,7 +185,12 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     assert chosen["per_device_train_batch_size"] * chosen["gradient_accumulation_steps"] == 8
     assert 1 < chosen["per_device_train_batch_size"] < 8 and not chosen["activation_checkpointing"]
     assert config.training.per_device_train_batch_size == chosen["per_device_train_batch_size"]
-    assert "fit_to_memory: per_device_train_batch_size" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fit_to_memory: per_device_train_batch_size" in out and "not counted" not in out
+    config.training.torch_compile, config.training.torch_compile_mode = True, "reduce-overhead"
+    config.script.gpu_memory_gib = 80  # rows rounded to 512 tokens: more than the pretend card above
+    fit_to_memory(config, str(tiny_model_dir), lengths)
+    assert "; the CUDA graphs memory pool not counted)" in capsys.readouterr().out
 
 
 def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):

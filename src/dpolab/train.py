@@ -234,10 +234,12 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     training.gradient_accumulation_steps = chosen.accumulation
     training.activation_checkpointing = training.gradient_checkpointing = chosen.checkpointing
     estimate = plan.peak_reserved(model, chosen)
+    graphs = training.torch_compile and training.torch_compile_mode in packing.CUDA_GRAPH_MODES
     print(
         f"fit_to_memory: per_device_train_batch_size {chosen.batch} x gradient_accumulation_steps "
         f"{chosen.accumulation}, activation_checkpointing {str(chosen.checkpointing).lower()} (planned peak "
-        f"{estimate / plan.GIB:.1f} of {budget / plan.GIB:.1f} GiB for {chosen.tokens:,} tokens per micro-batch)",
+        f"{estimate / plan.GIB:.1f} of {budget / plan.GIB:.1f} GiB for {chosen.tokens:,} tokens per micro-batch"
+        f"{'; the CUDA graphs memory pool not counted' if graphs else ''})",
         flush=True,
     )
     return {"per_device_train_batch_size": chosen.batch, "gradient_accumulation_steps": chosen.accumulation,
