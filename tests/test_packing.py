@@ -669,8 +669,8 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     """reduce-overhead around each compiled layer left 24 backwards pending and ran 10x slower on an H100
     (bench/RESULTS.md): under the CUDA-graph modes the whole backbone is compiled as one graph, after the reference
     pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
-    graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs,
-    eager's values) and saves its weights under their usual names."""
+    graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs, eager's values) and saves its
+    weights under their usual names."""
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 

@@ -389,8 +389,8 @@ def compile_fast_path(model, training):
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
               "shapes) after the reference pre-pass, one CUDA graph recorded per row length (rows rounded to "
               f"{packing.row_multiple(True, mode, training.pad_to_multiple_of)} tokens). Not yet measured on a GPU; "
-              "leaving torch_compile_mode "
-              "unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).", flush=True)  # fmt: skip
+              "leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).",
+              flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
         print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
