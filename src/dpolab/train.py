@@ -386,11 +386,11 @@ def compile_fast_path(model, training):
         return training
     backend, mode = training.torch_compile_backend, training.torch_compile_mode
     if mode in packing.CUDA_GRAPH_MODES:
+        multiple = packing.row_multiple(True, mode, training.pad_to_multiple_of)
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
-              "shapes) after the reference pre-pass, one CUDA graph recorded per row length (rows rounded to "
-              f"{packing.row_multiple(True, mode, training.pad_to_multiple_of)} tokens). Not yet measured on a GPU; "
-              "leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).",
-              flush=True)  # fmt: skip
+              "shapes; the first step takes minutes) after the reference pre-pass, one CUDA graph recorded per row "
+              f"length (rows rounded to {multiple} tokens). Not yet measured on a GPU; leaving torch_compile_mode "
+              "unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).", flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
         print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
