@@ -645,23 +645,31 @@ def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path
     assert chosen(triton=False) == (False, "torch_compile: off (Triton is not installed).\n")
 
 
-def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys,
+                                                       mode):  # fmt: skip
     """A model the fast path cannot pack gets TRL's padded batches; the compile default, chosen for the fast path,
-    goes with it (accelerate's whole-model compile was never measured) and the trainer is told torch_compile off."""
+    goes with it (accelerate's whole-model compile was never measured) and the trainer is told torch_compile off;
+    nothing is compiled, the CUDA-graph modes' whole backbone neither."""
     from dpolab import train
     from dpolab.config import parse_train_args
     from dpolab.models import load_tokenizer
 
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
-    config = parse_train_args(["--config", str(tiny_config(data, max_steps=1))])
+    flags = ["--torch_compile_mode", mode] if mode else []
+    config = parse_train_args(["--config", str(tiny_config(data, max_steps=1)), *flags])
     config.training.torch_compile = True  # as choose_torch_compile sets it on a GPU
     monkeypatch.setattr(packing, "unsupported_reason", lambda *args: "a model the fast path cannot pack")
+    compiled = []
+    monkeypatch.setattr(packing, "compile_backbone", lambda *args: compiled.append("backbone"))
+    monkeypatch.setattr(packing, "compile_layers", lambda *args: compiled.append("layers"))
     train_pairs, _ = train.load_train_eval(config)
     trainer = train.build_trainer(config, str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), train_pairs, None)
     out = capsys.readouterr().out
     assert "Fast path off: a model the fast path cannot pack." in out
     assert "torch_compile: off (the fast path's default, and the fast path is off)." in out
     assert trainer.args.torch_compile is False and trainer.data_collator.__class__.__module__.startswith("trl")
+    assert compiled == []
 
 
 def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(tmp_path, tiny_config, monkeypatch,

@@ -326,6 +326,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
                 trainer_args = copy.copy(training)
                 trainer_args.torch_compile = False
                 print("torch_compile: off (the fast path's default, and the fast path is off).")
+    dpolab_compiles = collator is not None and trainer_args is not training  # compile_fast_path took the compile
     arguments = dict(
         model=model,
         args=trainer_args,
@@ -350,13 +351,13 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if collator is not None and trainer.ref_model is not None:  # TRL loaded its own reference copy
             reference = trainer.accelerator.unwrap_model(trainer.ref_model)
             packing.install(reference)
-            if trainer_args is not training:  # dpolab compiles the policy: the reference's layers too
+            if dpolab_compiles:  # the policy's layers or backbone: the reference's layers too
                 mode = training.torch_compile_mode  # no CUDA graphs per layer (packing.compile_backbone says why)
                 packing.compile_layers(reference, training.torch_compile_backend,
                                        None if mode in packing.CUDA_GRAPH_MODES else mode)  # fmt: skip
     if collator is not None and (reason := packing.install_answer_head(trainer)) is not None:
         print(f"Fast path: TRL's LM head, with its waits for the GPU ({reason}).")
-    if trainer_args is not training and training.torch_compile_mode in packing.CUDA_GRAPH_MODES:
+    if dpolab_compiles and training.torch_compile_mode in packing.CUDA_GRAPH_MODES:
         packing.compile_backbone(model, training.torch_compile_backend, training.torch_compile_mode)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
