@@ -760,8 +760,9 @@ def main() -> None:
         row_started = time.time()
         command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--work",
                    str(work), "--out", args.out, "--row", name] + ["--profile"] * args.profile  # fmt: skip
-        cap = args.row_cap_s and args.row_cap_s * (WHOLE_BACKBONE_CAP if name in WHOLE_BACKBONE_ROWS else 1)
-        caps = [cap for cap in (left, cap) if cap is not None]  # a hung row must not take the others' time
+        stretch = WHOLE_BACKBONE_CAP if name in WHOLE_BACKBONE_ROWS else 1
+        row_cap = None if args.row_cap_s is None else args.row_cap_s * stretch
+        caps = [cap for cap in (left, row_cap) if cap is not None]  # a hung row must not take the others' time
         finished = run_row_process(command, timeout=min(caps, default=None))
         path = work / f"{name}.json"
         if not finished:
