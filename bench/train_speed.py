@@ -358,7 +358,27 @@ def compiled_graphs() -> dict:
     from torch._dynamo.utils import counters
 
     return {"frames": counters["frames"]["ok"], "unique_graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values())}  # fmt: skip
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}  # fmt: skip
+
+
+def record_cudagraph_skips() -> list[str]:
+    """Inductor's reasons for running a graph without CUDA graphs under `reduce-overhead`, as it words them (it warns
+    once, somewhere in log.txt; a row that lost its graphs only looks slow in the table). Kept in the returned list,
+    which goes into the row's JSON and the table, from the three modules that import the logging function by name."""
+    import torch._inductor.cudagraph_trees as trees
+    import torch._inductor.cudagraph_utils as utils
+    import torch._inductor.output_code as output_code
+
+    reasons, log = [], utils.log_cudagraph_skip_and_bump_counter
+
+    def recorded(message: str) -> None:
+        reasons.append(message[:800])
+        log(message)
+
+    for module in (utils, output_code, trees):
+        module.log_cudagraph_skip_and_bump_counter = recorded
+    return reasons
 
 
 def snapshot(model):
@@ -464,6 +484,7 @@ def run_row(args) -> dict:
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
     profiled = args.profile and not (cuda and "cudagraphs" in args.row)  # CUPTI with CUDA graphs: see StepProfiler
+    cudagraph_skips = record_cudagraph_skips() if "cudagraphs" in args.row else []
     if profiled:
         trainer.add_callback(StepProfiler(Path(args.out) / "profiles.txt", args.row, args.device).callback)
     initial = snapshot(trainer.model)
@@ -481,6 +502,7 @@ def run_row(args) -> dict:
         attention=trainer.model.config._attn_implementation,
         checkpointing=bool(trainer.args.activation_checkpointing),
         compiled_graphs=compiled_graphs(),
+        cudagraph_skip_reasons=cudagraph_skips[:3],
     )
     if cuda:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -707,6 +729,8 @@ def table(rows: list[dict], layout, args) -> str:
             lines.append("\n" + flex_attention.text(row))
         if row.get("reference_pass_error"):
             lines.append(f"\n{row['row']}: its reference pass failed: {row['reference_pass_error']}")
+        for reason in row.get("cudagraph_skip_reasons", []):  # the row ran (partly) without its CUDA graphs
+            lines.append(f"\n{row['row']}: inductor: {reason}")
         for one in row.get("passes", []):  # the reference-prepass and dpolab-fast-compile rows
             peak = "-" if one["peak_allocated_gib"] is None else f"{one['peak_allocated_gib']:.2f}"
             diff = one["max_abs_diff_vs_batch_8"]

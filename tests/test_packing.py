@@ -730,6 +730,52 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
         assert weights[0] == weights[1] and weights[0]  # the same names: nothing added by compiling
 
 
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny_model_dir, monkeypatch, attn):
+    """Under the CUDA-graph modes the whole packed backbone is one compiled graph, its mask built inside it; inductor
+    runs a graph holding any op on a CPU tensor without CUDA graphs ("skipping cudagraphs due to cpu device", in a
+    log that is off by default: the run is only slower). Here the forward and backward run on the meta device,
+    standing in for the GPU (inductor counts meta as no device at all), and no op may read or make a CPU tensor.
+    FlexAttention refuses meta tensors: a stand-in of transformers' call to it keeps the shapes and checks that the
+    BlockMask it is given is on the model's device."""
+    import types
+
+    import transformers.integrations.flex_attention as transformers_flex
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from transformers import AutoModelForCausalLM
+
+    masks = []
+
+    def flex_attention_stand_in(query, key, value, block_mask=None, **kwargs):
+        masks.append({name: t.device.type for name, t in vars(block_mask).items() if isinstance(t, torch.Tensor)})
+        return query * 1.0, types.SimpleNamespace(lse=query.float().sum(-1))
+
+    monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention", flex_attention_stand_in)
+    ops, on_the_host = [], []
+
+    class Devices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ops.append(func)
+            if any(t.device.type == "cpu" for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)):
+                on_the_host.append(func)
+            return out
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    packing.install(model)
+    model.to("meta")
+    inputs = {key: value.to("meta") for key, value in packed_inputs(0).items()}
+    with Devices():
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        hidden.float().square().mean().backward()
+    assert hidden.device.type == "meta" and model.model.layers[0].mlp.up_proj.weight.grad is not None
+    assert len(ops) > 200  # the mask, both layers forward and backward, the gather into TRL's layout
+    assert on_the_host == []
+    if attn == "flex_attention":
+        assert len(masks) == 2 and set(masks[0].values()) == {"meta"} and len(masks[0]) == 8, masks
+
+
 @pytest.mark.parametrize("stage", ["pre-pass", "training"])
 def test_a_failed_compile_is_one_message_saying_how_to_train_without_it(tmp_path, tiny_config, monkeypatch, capsys,
                                                                           stage):  # fmt: skip
