@@ -395,6 +395,11 @@ def losses(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def evaluation_losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["eval_loss"] for line in lines if '"eval_loss"' in line]
+
+
 @pytest.mark.parametrize("overrides", [{"precompute_ref_log_probs": True},
                                        {"loss_type": ["sigmoid", "sft"], "precompute_ref_log_probs": False},
                                        {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
@@ -677,8 +682,8 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     """reduce-overhead around each compiled layer left 24 backwards pending and ran 10x slower on an H100
     (bench/RESULTS.md): under the CUDA-graph modes the whole backbone is compiled as one graph, after the reference
     pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
-    graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs, eager's values) and saves its
-    weights under their usual names."""
+    graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs, eager's values), with activation
+    checkpointing and evaluations between steps too, and saves its weights under their usual names."""
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 
@@ -698,8 +703,12 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 24))
     graphs = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager",
               "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
+    # the third: checkpointing (which fit_to_memory may choose) and an evaluation between steps, under no_grad
+    checkpointing_eval = {"precompute_ref_log_probs": True, "activation_checkpointing": True, "eval_holdout": 0.25,
+                          "eval_strategy": "steps", "eval_steps": 2}  # fmt: skip
     for run, overrides in (("precomputed", {"precompute_ref_log_probs": True}),
-                           ("reference-each-step", {"precompute_ref_log_probs": False})):  # fmt: skip
+                           ("reference-each-step", {"precompute_ref_log_probs": False}),
+                           ("checkpointing-eval", checkpointing_eval)):  # fmt: skip
         config = str(tiny_config(data, max_steps=4, learning_rate=5e-3, train_sampling_strategy="sequential",
                                  **overrides))  # fmt: skip
         torch._dynamo.reset()
@@ -711,8 +720,8 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
         assert "rows rounded to 512 tokens" in out
         assert counters["frames"]["ok"] > before  # dynamo compiled
         names = [name for name, _, _ in events]
-        if run == "precomputed":
-            assert names == ["pre-pass", "compile_backbone"], events  # no layer compiled, the backbone after
+        if run != "reference-each-step":  # one pre-pass per split
+            assert names == ["pre-pass"] * (1 + (run == "checkpointing-eval")) + ["compile_backbone"], events
             assert events[-1][1:] == ("reduce-overhead", before)  # the pre-pass compiled nothing
         else:
             assert names == ["compile_layers", "compile_backbone"], events  # the reference's, then the policy's
@@ -725,6 +734,10 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
             for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (run, a["step"], key)
         assert compiled[-1]["rewards/margins"] != compiled[0]["rewards/margins"]  # it learned
+        if run == "checkpointing-eval":
+            evaluations = [evaluation_losses(tmp_path / "runs" / name) for name in (run, f"{run}-eager")]
+            assert len(evaluations[0]) == len(evaluations[1]) >= 2  # steps 2 and 4
+            assert evaluations[0] == pytest.approx(evaluations[1], abs=1e-5)
         weights = [set(load_file(path)) for name in (run, f"{run}-eager")
                    for path in (tmp_path / "runs" / name / "final").glob("*.safetensors")]  # fmt: skip
         assert weights[0] == weights[1] and weights[0]  # the same names: nothing added by compiling
