@@ -389,9 +389,10 @@ def compile_fast_path(model, training):
     if mode in packing.CUDA_GRAPH_MODES:
         multiple = packing.row_multiple(True, mode, training.pad_to_multiple_of)
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
-              "shapes; the first step takes minutes) after the reference pre-pass, one CUDA graph recorded per row "
-              f"length (rows rounded to {multiple} tokens). Not yet measured on a GPU; leaving torch_compile_mode "
-              "unset compiles each layer (6x TRL's default on an H100, bench/RESULTS.md).", flush=True)  # fmt: skip
+              "shapes; the first step takes minutes, the first evaluation too) after the reference pre-pass, one "
+              f"CUDA graph recorded per row length (rows rounded to {multiple} tokens). Not yet measured on a GPU; "
+              "leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, "
+              "bench/RESULTS.md).", flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
         print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
