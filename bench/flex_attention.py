@@ -16,7 +16,13 @@ compiled as the compiled layer runs it, and variants that say where the time goe
   query tiles of 64 rather than its default (twice the programs in a grid of ~550, each with a short loop);
 - `grouped K/V`: `flex_attention(..., enable_gqa=True)` on the 2 K/V heads (the bench's GQA rows);
 - `causal mask` and `no mask`: the same call with `create_block_mask`'s causal mask and with none (every key block):
-  the time a mask with no pair structure, and one with no sparsity, costs.
+  the time a mask with no pair structure, and one with no sparsity, costs;
+- the cost of the rule inside the kernels: in the blocks a mask leaves partial (~3.1 of the 3.9 a query block visits)
+  the kernels evaluate `mask_mod` on every (query, key) of each tile, here four loads of int64 ids (pair and segment
+  of the query and of the key). `dpolab blocks, causal rule`: dpolab's blocks with `k <= q` alone (no loads; another
+  attention, so no output check); `dpolab mask, int32 ids`: the same rule on int32 ids; `dpolab mask, one int32 code`:
+  the same rule on one code per position (pair x 4 + segment: two loads). The last two must give the first's output;
+  if either is much faster, `packing.block_mask` takes its form.
 
 Each: forward and backward in microseconds (CUDA events, mean of REPEATS after warm-up), the key blocks its mask visits
 and the forward's TFLOP/s over them. On the CPU (a check of the script) the rows are 8x shorter and the backend is
@@ -59,15 +65,34 @@ def packed_row(device: str, scale: int):
     return batch["packed_pair"][0].to(device), batch["packed_segment"][0].to(device)
 
 
+SAME_ATTENTION = ("dpolab", "dpolab int32", "dpolab code")  # masks of one rule: their outputs are compared
+
+
 def masks(pair, segment) -> dict:
     """The block masks the variants run with (None: no mask, every key block)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     from dpolab import packing
 
     length = pair.numel()
     causal = create_block_mask(lambda b, h, q, k: k <= q, None, None, length, length, device=pair.device.type)
-    return {"dpolab": packing.block_mask(pair, segment), "causal": causal, "none": None}
+    dpolab = packing.block_mask(pair, segment)
+
+    def with_rule(mask_mod):  # dpolab's blocks, another rule inside the partial ones
+        return BlockMask.from_kv_blocks(dpolab.kv_num_blocks, dpolab.kv_indices, dpolab.full_kv_num_blocks,
+                                        dpolab.full_kv_indices, BLOCK_SIZE=dpolab.BLOCK_SIZE, mask_mod=mask_mod,
+                                        seq_lengths=dpolab.seq_lengths)  # fmt: skip
+
+    # pair x 4 + segment: the same pair and segment = the same code; the same pair's prompt = the code with its
+    # segment bits cleared (padding: pair -1, segment 0, code -4, attends to padding as the rule has it)
+    code = (pair * 4 + segment).int()
+
+    def one_code(batch, head, q, k):
+        return (k <= q) & ((code[k] == code[q]) | (code[k] == (code[q] & -4)))
+
+    return {"dpolab": dpolab, "dpolab int32": packing.block_mask(pair.int(), segment.int()),
+            "dpolab code": with_rule(one_code), "dpolab blocks, causal rule": with_rule(lambda b, h, q, k: k <= q),
+            "causal": causal, "none": None}  # fmt: skip
 
 
 def visited_blocks(block_mask, length: int) -> int:
@@ -105,6 +130,12 @@ def variants(backend: str) -> dict:
         "transformers, dpolab mask, static": (compiled(as_transformers_calls, False), "dpolab"),
         "transformers, dpolab mask, dynamic, forward tiles 64 x 64": (compiled(smaller_tiles, True), "dpolab"),
         "grouped K/V (enable_gqa), dpolab mask, dynamic": (compiled(grouped, True), "dpolab"),
+        "transformers, dpolab blocks, causal rule, dynamic": (
+            compiled(as_transformers_calls, True),
+            "dpolab blocks, causal rule",
+        ),
+        "transformers, dpolab mask, int32 ids, dynamic": (compiled(as_transformers_calls, True), "dpolab int32"),
+        "transformers, dpolab mask, one int32 code, dynamic": (compiled(as_transformers_calls, True), "dpolab code"),
         "transformers, causal mask, dynamic": (compiled(as_transformers_calls, True), "causal"),
         "transformers, no mask, dynamic": (compiled(as_transformers_calls, True), "none"),
     }
@@ -173,7 +204,7 @@ def measure(device: str) -> dict:
         try:  # FlexAttention has no backward on the CPU: forward only there
             result["forward_us"], result["backward_us"], output = timed(function, inputs, built[mask_name], device,
                                                                         backward=device == "cuda")  # fmt: skip
-            if mask_name == "dpolab":  # the same attention: the same output, whatever the kernel
+            if mask_name in SAME_ATTENTION:  # the same attention: the same output, whatever the kernel or ids
                 first = output if first is None else first
                 result["max_abs_diff"] = float((output.float() - first.float()).abs().max())
             flop = 4 * HEADS * HEAD_DIM * visited * 128 * 128
