@@ -209,6 +209,11 @@ def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, ti
     assert "CUDA ran out of memory at step 0 (micro-batch 4 x accumulation 1" in message
     assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in message
     assert "no checkpoint was saved yet" in message and "Traceback" not in message
+    graphs = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager", "--torch_compile_mode",
+              "reduce-overhead", "--run_name", "graphs"]  # fmt: skip
+    assert main(["train", "--config", str(tiny_config(data)), *graphs]) == 2
+    message = capsys.readouterr().err
+    assert "not count; without them (the layers compiled one by one): without torch_compile_mode (drop" in message
 
 
 @pytest.mark.parametrize("weights, compiled", [("float32", False), ("bfloat16", False), ("float32", True)])

@@ -585,10 +585,18 @@ def non_finite_message(non_finite: tuple[int, str, float], run_dir: RunDir, lear
 
 
 def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
-    """What ran out, a setting with half the memory for activations (same global batch), and where to resume."""
+    """What ran out, a setting with half the memory for activations (same global batch), and where to resume.
+    Under the CUDA-graph modes first the mode unset: its graphs' memory pool is what `plan` does not count."""
+    from dpolab.packing import CUDA_GRAPH_MODES
+
     training = trainer.args
     batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
-    if batch > 1:
+    advice = "A setting that needs about half the activation memory, same global batch"
+    if config.training.torch_compile_mode in CUDA_GRAPH_MODES:  # trainer.args no longer has it: dpolab compiles
+        advice = ("The CUDA graphs of torch_compile_mode keep a memory pool of their own, which the plan does not "
+                  "count; without them (the layers compiled one by one)")  # fmt: skip
+        setting = "without torch_compile_mode (drop the flag or the YAML key)"
+    elif batch > 1:
         smaller = batch // 2 if batch % 2 == 0 else 1
         setting = (f"--per_device_train_batch_size {smaller} --gradient_accumulation_steps "
                    f"{batch * accumulation // smaller}")  # fmt: skip
@@ -598,14 +606,14 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
         setting = "--use_peft true (or a shorter --max_length)"
     last = run_dir.last_complete_checkpoint()
     resume = (
-        f"then resume from {last} with the same command plus --resume {setting}"
+        f"then resume from {last} with the same command plus --resume, {setting}"
         if last
         else "no checkpoint was saved yet: start again with another --run_name"
     )
     return (
         f"CUDA ran out of memory at step {trainer.state.global_step} (micro-batch {batch} x accumulation "
-        f"{accumulation}, activation checkpointing {str(bool(training.activation_checkpointing)).lower()}). A setting "
-        f"that needs about half the activation memory, same global batch: {setting}; {resume}. `dpolab plan "
+        f"{accumulation}, activation checkpointing {str(bool(training.activation_checkpointing)).lower()}). "
+        f"{advice}: {setting}; {resume}. `dpolab plan "
         f"--config {run_dir.config_file} --gpu_memory_gib N` shows the components."
     )
 
