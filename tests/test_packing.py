@@ -781,9 +781,10 @@ def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny
     inputs = {key: value.to("meta") for key, value in packed_inputs(0).items()}
     with Devices():
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        forward_ops = len(ops)
         hidden.float().square().mean().backward()
     assert hidden.device.type == "meta" and model.model.layers[0].mlp.up_proj.weight.grad is not None
-    assert len(ops) > 200  # the mask, both layers forward and backward, the gather into TRL's layout
+    assert forward_ops > 100 and len(ops) - forward_ops > 100  # the mask, both layers and the gather; their backward
     assert on_the_host == []
     if attn == "flex_attention":
         assert len(masks) == 2 and set(masks[0].values()) == {"meta"} and len(masks[0]) == 8, masks
