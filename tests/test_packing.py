@@ -746,12 +746,12 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
 @pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
 def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny_model_dir, monkeypatch, attn):
     """Under the CUDA-graph modes the whole packed backbone is one compiled graph, its mask built inside it; inductor
-    runs a graph holding any op on a CPU tensor without CUDA graphs ("skipping cudagraphs due to cpu device", in a
-    log that is off by default: the run is only slower). Here the forward and backward run on the meta device,
+    runs a graph holding any op on a CPU tensor without CUDA graphs ("skipping cudagraphs due to cpu device", one
+    warning among the run's output: the run is only slower). Here the forward and backward run on the meta device,
     standing in for the GPU (inductor counts meta as no device at all), and no op may read or make a CPU tensor.
     FlexAttention refuses meta tensors: a stand-in of transformers' call to it keeps the shapes and checks that the
     BlockMask it is given is on the model's device."""
-    import types
+    from types import SimpleNamespace
 
     import transformers.integrations.flex_attention as transformers_flex
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -762,7 +762,7 @@ def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny
 
     def flex_attention_stand_in(query, key, value, block_mask=None, **kwargs):
         masks.append({name: t.device.type for name, t in vars(block_mask).items() if isinstance(t, torch.Tensor)})
-        return query * 1.0, types.SimpleNamespace(lse=query.float().sum(-1))
+        return query * 1.0, SimpleNamespace(lse=query.float().sum(-1))
 
     monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention", flex_attention_stand_in)
     ops, on_the_host = [], []
