@@ -51,12 +51,17 @@ def truncated_answers(example: dict, max_length: int | None) -> tuple[list[int],
     return example["chosen_ids"][:room], example["rejected_ids"][:room]
 
 
+def records_cuda_graphs(torch_compile: bool, torch_compile_mode: str | None) -> bool:
+    """Whether a fast-path run with these settings compiles its whole backbone into CUDA graphs."""
+    return bool(torch_compile) and torch_compile_mode in CUDA_GRAPH_MODES
+
+
 def row_multiple(torch_compile: bool, torch_compile_mode: str | None, pad_to_multiple_of: int | None = None) -> int:
     """What a packed row's length is rounded up to: TRL's `pad_to_multiple_of` where set (on the fast path the
     packed row is the sequence the model computes), else 512 under compile modes with CUDA graphs, else 64."""
     if pad_to_multiple_of:
         return pad_to_multiple_of
-    return CUDA_GRAPH_ROW_MULTIPLE if torch_compile and torch_compile_mode in CUDA_GRAPH_MODES else ROW_MULTIPLE
+    return CUDA_GRAPH_ROW_MULTIPLE if records_cuda_graphs(torch_compile, torch_compile_mode) else ROW_MULTIPLE
 
 
 def pack_batch(

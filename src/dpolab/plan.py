@@ -309,9 +309,9 @@ def run(config: PlanConfig) -> int:
     print(format_components(components))
     mode = config.train.training.torch_compile_mode
     if shape.compiled and mode:
-        from dpolab.packing import CUDA_GRAPH_MODES  # imports torch: only where a mode is set
+        from dpolab.packing import records_cuda_graphs  # imports torch: only where a mode is set
 
-        if mode in CUDA_GRAPH_MODES:
+        if records_cuda_graphs(shape.compiled, mode):
             print(f"  not counted: the memory pool of the CUDA graphs that torch_compile_mode {mode} records (one "
                   "per row length; not measured yet)")  # fmt: skip
     allocated = sum(components.values())

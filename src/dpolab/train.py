@@ -234,7 +234,7 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     training.gradient_accumulation_steps = chosen.accumulation
     training.activation_checkpointing = training.gradient_checkpointing = chosen.checkpointing
     estimate = plan.peak_reserved(model, chosen)
-    graphs = training.torch_compile and training.torch_compile_mode in packing.CUDA_GRAPH_MODES
+    graphs = packing.records_cuda_graphs(training.torch_compile, training.torch_compile_mode)
     print(
         f"fit_to_memory: per_device_train_batch_size {chosen.batch} x gradient_accumulation_steps "
         f"{chosen.accumulation}, activation_checkpointing {str(chosen.checkpointing).lower()} (planned peak "
@@ -357,7 +357,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
                                        None if mode in packing.CUDA_GRAPH_MODES else mode)  # fmt: skip
     if collator is not None and (reason := packing.install_answer_head(trainer)) is not None:
         print(f"Fast path: TRL's LM head, with its waits for the GPU ({reason}).")
-    if dpolab_compiles and training.torch_compile_mode in packing.CUDA_GRAPH_MODES:
+    if packing.records_cuda_graphs(dpolab_compiles, training.torch_compile_mode):
         packing.compile_backbone(model, training.torch_compile_backend, training.torch_compile_mode)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
@@ -587,12 +587,13 @@ def non_finite_message(non_finite: tuple[int, str, float], run_dir: RunDir, lear
 def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
     """What ran out, a setting with half the memory for activations (same global batch), and where to resume.
     Under the CUDA-graph modes first the mode unset: its graphs' memory pool is what `plan` does not count."""
-    from dpolab.packing import CUDA_GRAPH_MODES
+    from dpolab.packing import records_cuda_graphs
 
     training = trainer.args
     batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     advice = "A setting that needs about half the activation memory, same global batch"
-    if config.training.torch_compile_mode in CUDA_GRAPH_MODES:  # trainer.args no longer has it: dpolab compiles
+    # trainer.args no longer has the mode (dpolab compiles): the run's settings do
+    if records_cuda_graphs(config.training.torch_compile, config.training.torch_compile_mode):
         advice = ("The CUDA graphs of torch_compile_mode keep a memory pool of their own, which the plan does not "
                   "count; without them (the layers compiled one by one)")  # fmt: skip
         setting = "without torch_compile_mode (drop the flag or the YAML key)"
