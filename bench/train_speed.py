@@ -496,10 +496,11 @@ def run_row(args) -> dict:
                                                                 weight_decay=0.0, kahan_sum=True))  # fmt: skip
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
-    profiled = args.profile and not (cuda and "cudagraphs" in args.row)  # CUPTI with CUDA graphs: see StepProfiler
-    cudagraph_skips = record_cudagraph_skips() if "cudagraphs" in args.row else []
+    graphs = ROW_FIELDS.get(args.row) == CUDA_GRAPHS  # `dpolab train --torch_compile_mode reduce-overhead`
+    profiled = args.profile and not (cuda and graphs)  # CUPTI with CUDA graphs: see StepProfiler
+    cudagraph_skips = record_cudagraph_skips() if graphs else []
     row_lengths = []  # per training step, in order (the pre-pass is done; the collator runs once per step)
-    if "cudagraphs" in args.row:
+    if graphs:
         collate = trainer.data_collator
 
         def collate_and_note(examples):
