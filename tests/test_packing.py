@@ -57,6 +57,10 @@ def test_the_packed_row_length_by_setting():
     assert packing.row_multiple(True, "reduce-overhead") == 512  # CUDA graphs: one recording per row length
     assert packing.row_multiple(False, "reduce-overhead") == 64  # the mode alone compiles nothing
     assert packing.row_multiple(True, "reduce-overhead", 128) == 128  # TRL's pad_to_multiple_of, where set, wins
+    # rows of up to 8 pairs under 2 x 1024 tokens each, rounded to 512: 16,384 / 512 lengths
+    assert packing.row_lengths_at_most(8, 1024, 512) == 32
+    assert packing.row_lengths_at_most(3, 100, 64) == 10  # 600 / 64 = 9.4, the last one partly filled
+    assert packing.row_lengths_at_most(8, None, 512) is None  # no max_length: no bound
 
 
 def test_the_fast_path_pads_its_row_to_trls_pad_to_multiple_of(tmp_path, tiny_config, tiny_model_dir):
@@ -684,6 +688,7 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
     graphs, and the run logs the eager run's losses (aot_eager: dynamo's graphs, eager's values), with activation
     checkpointing and evaluations between steps too, and saves its weights under their usual names."""
+    import torch._inductor.config
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 
@@ -704,8 +709,11 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     graphs = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager",
               "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
     # the third: checkpointing (which fit_to_memory may choose) and an evaluation between steps, under no_grad
+    # and rows rounded to 16 tokens (TRL's pad_to_multiple_of): up to 32 row lengths, past PyTorch's warning at 8
     checkpointing_eval = {"precompute_ref_log_probs": True, "activation_checkpointing": True, "eval_holdout": 0.25,
-                          "eval_strategy": "steps", "eval_steps": 2}  # fmt: skip
+                          "eval_strategy": "steps", "eval_steps": 2, "pad_to_multiple_of": 16}  # fmt: skip
+    triton = torch._inductor.config.triton
+    monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)  # PyTorch's default, restored after
     for run, overrides in (("precomputed", {"precompute_ref_log_probs": True}),
                            ("reference-each-step", {"precompute_ref_log_probs": False}),
                            ("checkpointing-eval", checkpointing_eval)):  # fmt: skip
@@ -717,7 +725,12 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
         assert main(["train", "--config", config, "--run_name", run, *graphs]) == 0
         out = capsys.readouterr().out
         assert "torch_compile: mode reduce-overhead: the whole backbone compiled in place as one graph" in out
-        assert "rows rounded to 512 tokens" in out
+        if run == "checkpointing-eval":  # 4 pairs of at most 2 x 64 tokens, rounded to 16: 32 lengths
+            assert "rows rounded to 16 tokens: at most 32 lengths" in out
+            assert triton.cudagraph_dynamic_shape_warn_limit == 32
+        else:  # 512 tokens hold every row: 1 length, under PyTorch's 8
+            assert "rows rounded to 512 tokens: at most 1 length)" in out
+            assert triton.cudagraph_dynamic_shape_warn_limit == 8
         assert counters["frames"]["ok"] > before  # dynamo compiled
         names = [name for name, _, _ in events]
         if run != "reference-each-step":  # one pre-pass per split

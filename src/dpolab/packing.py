@@ -64,6 +64,15 @@ def row_multiple(torch_compile: bool, torch_compile_mode: str | None, pad_to_mul
     return CUDA_GRAPH_ROW_MULTIPLE if records_cuda_graphs(torch_compile, torch_compile_mode) else ROW_MULTIPLE
 
 
+def row_lengths_at_most(pairs_per_row: int, max_length: int | None, multiple: int) -> int | None:
+    """How many row lengths a run can meet (None without max_length): a row holds up to `pairs_per_row` pairs,
+    each under 2 x max_length tokens (prompt + answer within max_length for both answers, the prompt once),
+    rounded up to `multiple`."""
+    if max_length is None:
+        return None
+    return -(-pairs_per_row * 2 * max_length // multiple)
+
+
 def pack_batch(
     examples: list[dict], max_length: int | None, pad_token_id: int, row_multiple: int = ROW_MULTIPLE
 ) -> dict[str, torch.Tensor]:

@@ -387,11 +387,20 @@ def compile_fast_path(model, training):
         return training
     backend, mode = training.torch_compile_backend, training.torch_compile_mode
     if mode in packing.CUDA_GRAPH_MODES:
+        import torch._inductor.config
+
         multiple = packing.row_multiple(True, mode, training.pad_to_multiple_of)
+        pairs_per_row = max(training.per_device_train_batch_size, training.per_device_eval_batch_size)
+        lengths = packing.row_lengths_at_most(pairs_per_row, training.max_length, multiple)
+        triton = torch._inductor.config.triton
+        limit = triton.cudagraph_dynamic_shape_warn_limit  # PyTorch warns past 8 recordings, asking for padding
+        if lengths is not None and limit is not None:  # to a few shapes, which the rounding does: warn past those
+            triton.cudagraph_dynamic_shape_warn_limit = max(lengths, limit)
+        bound = "" if lengths is None else f": at most {lengths} length" + "s" * (lengths != 1)
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
               "shapes; the first step takes minutes, the first evaluation too) after the reference pre-pass, one "
-              f"CUDA graph recorded per row length (rows rounded to {multiple} tokens). Not yet measured on a GPU; "
-              "leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, "
+              f"CUDA graph recorded per row length (rows rounded to {multiple} tokens{bound}). Not yet measured on a "
+              "GPU; leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, "
               "bench/RESULTS.md).", flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
