@@ -98,7 +98,8 @@ def test_memory_components_by_hand():
     parts = estimate(tiny, run)
     tokens = 2 * 3 * 10  # worst case: chosen and rejected rows max_length long
     assert parts["weights (policy)"] == 1992 * 2 == parts["reference model"]
-    assert parts["gradients"] == 100 * 8 * 2  # accumulation 1: only the head's gradient exists at the peak
+    # accumulation 1: only the head's gradient exists at the peak
+    assert parts["gradients (at the peak: the LM head's bf16 copy)"] == 100 * 8 * 2
     assert parts["optimizer states (AdamW)"] == 2 * 1992 * 2
     assert parts[f"activations (all layers kept, {tokens} tokens)"] == tokens * 2 * 320
     # TRL's chunked head: one fp32 tile of (scored tokens, at most 4096) x (vocabulary, at most 32768), plus the
@@ -113,7 +114,8 @@ def test_memory_components_by_hand():
     # with checkpointing the forward keeps no weight copy; the layer recomputed in the backward keeps its own
     master_checkpointed = estimate(tiny, RunShape(3, 10, 1, True, 4, autocast=True, precompute_ref=True, tokens=40))
     assert tiny.layer_params == 592 and master_checkpointed["bf16 weight copies (autocast)"] == 592 * 2
-    assert master["gradients"] == 0  # float32 weights: the head's fp32 accumulator (LM head row) is its gradient
+    # float32 weights: the head's fp32 accumulator (LM head row) is its gradient
+    assert master["gradients (at the peak: the LM head's, in its line below)"] == 0
     assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * 400
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))
     assert lora["reference model"] == 0 and lora["gradients"] == 2 * 4 * (16 + 12) * 4

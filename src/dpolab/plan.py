@@ -154,10 +154,17 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     # activations are kept; with checkpointing the forward keeps nothing and one layer is recomputed at a time (on
     # the H100, TRL's default row was 0.93 GiB under the plan that counted them all)
     copies = (model.layer_params if run.checkpointing else model.params) * 2
+    kept = run.accumulation > 1 or run.peft
+    if kept:
+        gradients = "gradients"
+    elif run.weight_bytes == 4:  # the head's fp32 accumulator is counted with the head
+        gradients = "gradients (at the peak: the LM head's, in its line below)"
+    else:
+        gradients = "gradients (at the peak: the LM head's bf16 copy)"
     return {
         "weights (policy)": model.params * run.weight_bytes,
         "bf16 weight copies (autocast)": copies if run.autocast and run.weight_bytes == 4 else 0,
-        "gradients": trainable * trainable_bytes if run.accumulation > 1 or run.peft else head_gradient,
+        gradients: trainable * trainable_bytes if kept else head_gradient,
         "optimizer states (AdamW)": 2 * trainable * trainable_bytes,
         "reference model": 0 if (run.peft or run.precompute_ref) else model.params * run.weight_bytes,
         f"activations ({'checkpointed' if run.checkpointing else 'all layers kept'}, {tokens:,} tokens"
