@@ -831,3 +831,36 @@ def test_a_failed_compile_is_one_message_saying_how_to_train_without_it(tmp_path
         assert not (tmp_path / "runs" / "tiny").exists()  # a run that never started leaves nothing
     else:
         assert "no checkpoint was saved yet: start again with another --run_name and --torch_compile false" in message
+
+
+@pytest.mark.parametrize("stage", ["pre-pass", "training"])
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_flex_attention_kernels_that_do_not_fit_the_gpu_name_sdpa(tmp_path, tiny_config, monkeypatch, capsys, stage,
+                                                                   wrapped):  # fmt: skip
+    """FlexAttention's backward kernel needs more shared memory per block than 24 GB cards such as the RTX 4090
+    have (pytorch/pytorch#133254); transformers compiles it even with torch_compile off, so that flag cannot help:
+    the message names SDPA. The failure comes wrapped by inductor when it compiles, or as a RuntimeError when the
+    kernel is first launched (here: pretended, in the attention of the pre-pass or the first training step)."""
+    import transformers.integrations.flex_attention as flex
+    from torch._inductor.exc import InductorError
+
+    no_fit = RuntimeError("No valid triton configs. OutOfResources: out of resource: shared memory, Required: "
+                          "131074, Hardware limit: 101376. Reducing block sizes or `num_stages` may help.")  # fmt: skip
+
+    def kernel_that_does_not_fit(*args, **kwargs):
+        raise InductorError(no_fit, None) if wrapped else no_fit
+
+    monkeypatch.setattr(flex, "compile_friendly_flex_attention", kernel_that_does_not_fit)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
+    config = str(tiny_config(data, precompute_ref_log_probs=stage == "pre-pass", attn_implementation="flex_attention"))
+    assert main(["train", "--config", config, "--torch_compile", "false"]) == 2
+    message = capsys.readouterr().err
+    assert "FlexAttention (the fast path's attention on a GPU) could not be compiled for this GPU: RuntimeError: No " \
+           "valid triton configs. OutOfResources: out of resource: shared memory" in message  # fmt: skip
+    assert "torch_compile" not in message and "Traceback" not in message  # it was off: not the flag to name
+    if stage == "pre-pass":
+        assert message.rstrip().endswith("the same command plus --attn_implementation sdpa.")
+        assert not (tmp_path / "runs" / "tiny").exists()  # a run that never started leaves nothing
+    else:
+        assert "no checkpoint was saved yet: start again with another --run_name and --attn_implementation sdpa" in \
+               message  # fmt: skip

@@ -277,15 +277,16 @@ def start_run_directory(run_dir: RunDir, config: TrainConfig, provenance: dict, 
 
 
 def build_trainer_or_clean_up(config, run_dir: RunDir, model_path, tokenizer, train_pairs, eval_pairs, process):
-    from torch._dynamo.exc import BackendCompilerFailed
-
     try:
         return build_trainer(config, model_path, tokenizer, train_pairs, eval_pairs)
-    except (DpolabError, BackendCompilerFailed) as error:
+    except Exception as error:
+        compiling = is_compile_failure(error)  # the reference pre-pass ran the compiled layers
+        if not (compiling or isinstance(error, DpolabError)):
+            raise
         if not config.script.resume and process.is_main_process:  # a run that never started leaves nothing
             shutil.rmtree(run_dir.path, ignore_errors=True)
-        if isinstance(error, BackendCompilerFailed):  # the reference pre-pass ran the compiled layers
-            message = compile_failed_message(error, "the same command plus --torch_compile false", config)
+        if compiling:
+            message = compile_failed_message(error, config, lambda setting: f"the same command plus {setting}")
             raise DpolabError(message) from None
         raise
 
@@ -428,18 +429,14 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
 
 def load_policy(config: TrainConfig, model_path: str):
     """The model to train, loaded as TRL's DPOTrainer would load it from `model_path` (TRL's own loader)."""
-    import torch
     from trl import get_quantization_config
     from trl.trainer.utils import create_model_from_path
 
     model_args, training = config.model, config.training
-    attention = model_args.attn_implementation
-    if attention is None and config.script.fast_path and torch.cuda.is_available():
-        attention = "flex_attention"  # skips the masked blocks of a packed row (bench/RESULTS.md)
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training.trust_remote_code,
-        attn_implementation=attention,
+        attn_implementation=attention_implementation(config),
         dtype=model_args.dtype,
     )
     kwargs.update(training.model_init_kwargs or {})
@@ -449,6 +446,17 @@ def load_policy(config: TrainConfig, model_path: str):
     if training.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):  # as TRL: "auto" fails there
         kwargs["device_map"] = None
     return create_model_from_path(model_path, **kwargs)
+
+
+def attention_implementation(config: TrainConfig) -> str | None:
+    """The attention the policy loads with: as set, else FlexAttention for the fast path on a CUDA GPU (it skips
+    the masked blocks of a packed row, bench/RESULTS.md), else transformers' default (None)."""
+    import torch
+
+    attention = config.model.attn_implementation
+    if attention is None and config.script.fast_path and torch.cuda.is_available():
+        return "flex_attention"
+    return attention
 
 
 def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> None:
@@ -476,14 +484,17 @@ def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: st
             train_output = trainer.train(resume_from_checkpoint=resume_from)
         except torch.OutOfMemoryError:
             raise DpolabError(out_of_memory_message(trainer, run_dir, config)) from None
-        except torch._dynamo.exc.BackendCompilerFailed as error:
+        except Exception as error:
+            if not is_compile_failure(error):
+                raise
             last = run_dir.last_complete_checkpoint()
-            then = (
-                f"resume from {last} with the same command plus --resume --torch_compile false"
-                if last
-                else "no checkpoint was saved yet: start again with another --run_name and --torch_compile false"
-            )
-            raise DpolabError(compile_failed_message(error, then, config)) from None
+
+            def then(setting: str) -> str:
+                if last:
+                    return f"resume from {last} with the same command plus --resume {setting}"
+                return f"no checkpoint was saved yet: start again with another --run_name and {setting}"
+
+            raise DpolabError(compile_failed_message(error, config, then)) from None
     if guard.non_finite is None and not weights_finite(trainer.model):  # checked before final/ is written
         guard.non_finite = (trainer.state.global_step, "weights", float("nan"))
     if guard.skipped_steps:
@@ -628,14 +639,33 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
     )
 
 
-def compile_failed_message(error, then: str, config: TrainConfig) -> str:
-    """torch.compile could not compile the decoder layers (inductor, Triton or the C compiler): what failed and
-    how to train without compiling (`then`)."""
-    chosen = "as set" if "torch_compile" in config.given else "on by default for the CUDA fast path"
+def is_compile_failure(error: BaseException) -> bool:
+    """Inductor, Triton or the C compiler failed: dynamo raises that as BackendCompilerFailed (inductor's
+    InductorError is one); a Triton kernel with no configuration that fits the GPU can also fail when it is first
+    launched, as a RuntimeError (torch/_inductor/runtime/triton_heuristics.py)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    no_config = isinstance(error, RuntimeError) and str(error).startswith("No valid triton configs")
+    return isinstance(error, BackendCompilerFailed) or no_config
+
+
+def compile_failed_message(error, config: TrainConfig, then) -> str:
+    """What failed to compile (inductor, Triton or the C compiler) and the setting that trains without it: `then(
+    setting)` says how to run with it. FlexAttention's kernels are compiled even without torch_compile
+    (transformers compiles them) and are the kernels that need the most shared memory (its backward: more than
+    24 GB cards such as the RTX 4090 or A10G have per block, pytorch/pytorch#133254): SDPA does without them."""
     inner = getattr(error, "inner_exception", None) or error  # torch's wrapper names the backend, the inner the cause
     cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
-    return (f"torch_compile ({chosen}) could not compile the model: {cause}\nTrain without it: {then}. `dpolab "
-            "doctor` checks what compiling needs (Triton on a GPU, a C++ compiler on the CPU).")  # fmt: skip
+    text = str(error).lower()
+    flex_kernel = any(sign in text for sign in ("flex_attention", "out of resource", "shared memory", "triton config"))
+    if attention_implementation(config) == "flex_attention" and (flex_kernel or not config.training.torch_compile):
+        return (f"FlexAttention (the fast path's attention on a GPU) could not be compiled for this GPU: {cause}\n"
+                "Train with SDPA attention instead (a dense mask: the same numbers, more attention work): "
+                f"{then('--attn_implementation sdpa')}.")  # fmt: skip
+    chosen = "as set" if "torch_compile" in config.given else "on by default for the CUDA fast path"
+    return (f"torch_compile ({chosen}) could not compile the model: {cause}\nTrain without it: "
+            f"{then('--torch_compile false')}. `dpolab doctor` checks what compiling needs (Triton on a GPU, a C++ "
+            "compiler on the CPU).")  # fmt: skip
 
 
 def evaluated_at(log_history: list[dict], step: int) -> bool:
