@@ -179,7 +179,9 @@ def timed(function, inputs, block_mask, device: str, backward: bool):
     return mean(forward_us), mean(backward_us) if backward else None, output.detach()
 
 
-def measure(device: str) -> dict:
+def measure(device: str, budget_s: float | None = None) -> dict:
+    """Every variant's times, in order; past `budget_s` seconds the variants left are listed as not run (the
+    device call's next rows need the time)."""
     import torch
 
     scale = 1 if device == "cuda" else 8
@@ -195,11 +197,14 @@ def measure(device: str) -> dict:
 
     inputs = (tensor(HEADS), tensor(KV_HEADS), tensor(KV_HEADS))
     built = masks(pair, segment)
-    results, first = [], None
+    results, first, started = [], None, time.perf_counter()
     for name, (function, mask_name) in variants(backend).items():
         torch._dynamo.reset()  # the variants share code objects: each compiles afresh, as named
         visited = visited_blocks(built[mask_name], length)
         result = {"variant": name, "visited_blocks": visited}
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            results.append(result | {"not_run": f"the row's {budget_s:.0f} s were spent"})
+            continue
         try:  # FlexAttention has no backward on the CPU: forward only there
             result["forward_us"], result["backward_us"], output = timed(function, inputs, built[mask_name], device,
                                                                         backward=device == "cuda")  # fmt: skip
@@ -222,6 +227,9 @@ def text(measured: dict) -> str:
              "| variant | key blocks visited | forward us | backward us | forward TFLOP/s over visited blocks | "
              "max abs diff from the first |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for one in measured["variants"]:
+        if "not_run" in one:
+            lines.append(f"| {one['variant']} | {one['visited_blocks']} | not run: {one['not_run']} | | | |")
+            continue
         if "error" in one:
             lines.append(f"| {one['variant']} | {one['visited_blocks']} | failed: {one['error'][:120]} | | | |")
             continue
@@ -235,8 +243,9 @@ def text(measured: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--budget_s", type=float, default=None, help="start no variant after this many seconds")
     args = parser.parse_args()
-    print(text(measure(args.device)))
+    print(text(measure(args.device, args.budget_s)))
 
 
 if __name__ == "__main__":
