@@ -1,5 +1,6 @@
 """The callbacks dpolab adds to TRL's DPOTrainer: how far the weights moved, the metrics file, a live progress
-bar, and the run guard (Ctrl-C saves a checkpoint; non-finite values stop the run without saving one)."""
+bar, the run guard (Ctrl-C saves a checkpoint; non-finite values stop the run without saving one), and gradients
+allocated before the backward passes of a step under CUDA graphs."""
 
 from __future__ import annotations
 
@@ -127,6 +128,22 @@ class WeightMovementCallback(TrainerCallback):
         if due or "train_runtime" in logs:  # the trainer's closing log: the movement at the very end
             logs.update(movement(self.initial, gather_sample(self.samples)))
             self.measured_at = state.global_step
+
+
+class GradientsAllocatedCallback(TrainerCallback):
+    """Gives every trainable parameter a zero `.grad` at the start of each optimizer step, so that each backward
+    pass adds into it in place. Why, under CUDA graphs (`torch_compile_mode reduce-overhead`) with gradient
+    accumulation: where `.grad` is unset, autograd takes the backward graph's output tensor as the gradient, that
+    tensor lives in the graphs' memory pool, and the next micro-batch's replay reclaims the pool, so accumulating
+    into it fails ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run",
+    pytorch/pytorch#169545, open). Zero plus the first gradient is that gradient: the same values."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
 
 
 class LiveProgressCallback(ProgressCallback):

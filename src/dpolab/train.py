@@ -298,7 +298,12 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     from trl import DPOTrainer, get_peft_config
 
     from dpolab import models, packing
-    from dpolab.callbacks import LiveProgressCallback, MetricsFileCallback, WeightMovementCallback
+    from dpolab.callbacks import (
+        GradientsAllocatedCallback,
+        LiveProgressCallback,
+        MetricsFileCallback,
+        WeightMovementCallback,
+    )
     from dpolab.models import score_completion_tokens_only
 
     training = config.training
@@ -360,6 +365,10 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         print(f"Fast path: TRL's LM head, with its waits for the GPU ({reason}).")
     if packing.records_cuda_graphs(dpolab_compiles, training.torch_compile_mode):
         packing.compile_backbone(model, training.torch_compile_backend, training.torch_compile_mode)
+        if training.gradient_accumulation_steps > 1:
+            trainer.add_callback(GradientsAllocatedCallback())
+            print("torch_compile: gradients allocated before each step's backward passes (CUDA graphs and gradient "
+                  "accumulation, pytorch/pytorch#169545).", flush=True)  # fmt: skip
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # sharded weights: no per-tensor sample
         trainer.remove_callback(WeightMovementCallback)
     for callback in list(trainer.callback_handler.callbacks):  # TensorBoard etc. log after the weight metrics
