@@ -770,10 +770,10 @@ def table(rows: list[dict], layout, args) -> str:
         for reason in row.get("cudagraph_skip_reasons", []):  # the row ran (partly) without its CUDA graphs
             lines.append(f"\n{row['row']}: inductor: {reason}")
         for one in row.get("passes", []):  # the reference-prepass and dpolab-fast-compile rows
-            peak = "-" if one["peak_allocated_gib"] is None else f"{one['peak_allocated_gib']:.2f}"
+            allocated = "-" if one["peak_allocated_gib"] is None else f"{one['peak_allocated_gib']:.2f}"
             diff = one["max_abs_diff_vs_batch_8"]
             lines.append(f"\n{row['row']}: reference pass at batch {one['batch']}: {one['pairs_per_s']:.1f} pairs/s, "
-                         f"peak allocated {peak} GiB, max abs diff from batch 8 {diff:.2e}")  # fmt: skip
+                         f"peak allocated {allocated} GiB, max abs diff from batch 8 {diff:.2e}")  # fmt: skip
     return "\n".join(lines)
 
 
