@@ -136,6 +136,14 @@ CASES = {
         "one split, used whole",
     ),
     "a misspelt eval option": (lambda w: ["eval", "--modle", "x"], "unknown option '--modle'. Did you mean '--model'?"),
+    "data check given two sources": (
+        lambda w: ["data", "check", w.data, "--preset", "smoke"],
+        "Give the data to check one way: SOURCE, --preset NAME or --train_config FILE.yaml (got source, preset).",
+    ),
+    "data check given a training config as its own --config": (
+        lambda w: ["data", "check", "--config", w.config()],
+        "is a `dpolab train` config: check its data with --train_config",
+    ),
     "eval of a missing checkpoint": (
         lambda w: ["eval", "--model", str(w.tmp / "runs" / "x" / "checkpoint-7")],
         "Checkpoint not found",
@@ -234,3 +242,13 @@ def test_the_cli_exits_2_without_traceback(world):
     result = subprocess.run([sys.executable, "-m", "dpolab.cli", *world.train(beta=-1)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "beta must be > 0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`dpolab ... --help | head -1`: the pipe closes before dpolab writes; it stops quietly."""
+    process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", "data", "check", "--help"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

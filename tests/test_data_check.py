@@ -39,12 +39,7 @@ def test_data_check_report(tmp_path, tiny_model_dir, capsys):
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = load_pairs(str(path))
-    lengths = [pair_token_ids(pair, tokenizer) for pair in pairs.dataset]
-    truncated = sum(
-        len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])) > 24 for ids in lengths
-    )
+    truncated = truncated_by_hand(path, AutoTokenizer.from_pretrained(tiny_model_dir), 24)
     assert 0 < truncated  # the check is meaningful for this data
     assert f"max_length 24: {truncated} pairs truncated" in out
 
@@ -58,3 +53,38 @@ def test_data_check_without_tokenizer_and_bad_data(tmp_path, capsys):
     assert main(["data", "check", str(write_jsonl(tmp_path / "bad.jsonl", rows))]) == 2
     err = capsys.readouterr().err
     assert "row 2: 'chosen'[0] has no 'content'" in err and "Traceback" not in err
+
+
+def truncated_by_hand(path, tokenizer, max_length: int) -> int:
+    """Pairs whose prompt plus longer answer exceed max_length, counted from TRL's token ids."""
+    lengths = [pair_token_ids(pair, tokenizer) for pair in load_pairs(str(path)).dataset]
+    return sum(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])) > max_length
+               for ids in lengths)  # fmt: skip
+
+
+def test_data_check_of_a_training_config(tmp_path, tiny_model_dir, tiny_config, capsys):
+    """`--train_config` checks the splits that config trains and evaluates on, with its tokenizer and max_length;
+    the check's own flags win."""
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "data"
+    train_file = write_jsonl(data / "train.jsonl", rows_in_format("implicit", 10))
+    test_file = write_jsonl(data / "test.jsonl", rows_in_format("implicit", 6, seed=1))
+    config = tiny_config(data, eval_split="test", max_length=24)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    files = {"train": train_file, "test": test_file}
+    expected = {name: truncated_by_hand(path, tokenizer, 24) for name, path in files.items()}
+    assert all(expected.values())  # the config's max_length truncates some pairs of each split
+
+    assert main(["data", "check", "--train_config", str(config)]) == 0
+    out = capsys.readouterr().out
+    train_part, test_part = out.split(f"== {data}, split 'test' ==")
+    assert f"== {data}, split 'train' ==" in train_part
+    assert "rows:             10" in train_part and f"max_length 24: {expected['train']} pairs truncated" in train_part
+    assert "rows:             6" in test_part and f"max_length 24: {expected['test']} pairs truncated" in test_part
+    assert f"token lengths ({tiny_model_dir}" in test_part  # the config's model is the tokenizer
+
+    assert main(["data", "check", "--train_config", str(config), "--split", "test", "--max_length", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "split 'train'" not in out and "rows:             6" in out
+    assert f"max_length 30: {truncated_by_hand(test_file, tokenizer, 30)} pairs truncated" in out

@@ -9,6 +9,7 @@ themselves, so `--help` starts at once. A DpolabError (a user mistake) is printe
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from dpolab.errors import DpolabError
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`dpolab ... --help | head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return 1
     return exit_code if isinstance(exit_code, int) else 0
 
 

@@ -586,7 +586,11 @@ def config_usage(config_class, prog: str) -> str:
     """`--help` text: the dataclass's docstring and each option with its help, type and default."""
     import inspect
 
-    positional = " ".join(option.name.upper() for option in options(config_class) if option.positional)
+    positional = " ".join(
+        option.name.upper() if option.required else f"[{option.name.upper()}]"
+        for option in options(config_class)
+        if option.positional
+    )
     lines = [f"usage: {prog} {positional + ' ' if positional else ''}[--config FILE.yaml] [--field value ...]", "",
              inspect.cleandoc(config_class.__doc__ or ""), ""]  # fmt: skip
     defaults = {item.name: item for item in dataclasses.fields(config_class)}
