@@ -151,9 +151,13 @@ def test_resolved_config_loads_back_to_the_same_values(tmp_path):
     assert vars(again.model) == vars(config.model)
 
 
-def test_the_defaults_that_keep_the_host_from_waiting_for_the_gpu_can_be_set_back(tmp_path):
+def test_the_defaults_that_keep_the_host_from_waiting_for_the_gpu_can_be_set_back(tmp_path, monkeypatch):
+    from dpolab import config as config_module
+
+    monkeypatch.setattr(config_module, "_accelerator_available", lambda: True)  # as on a GPU machine
     path = write(tmp_path, REQUIRED)
     config = parse_train_args(["--config", path])
+    assert config.training.dataloader_pin_memory is True
     assert config.training.logging_nan_inf_filter is False  # TRL's default: True
     assert config.training.accelerator_config.non_blocking is True  # TRL's default: False
     config = parse_train_args(
@@ -161,3 +165,17 @@ def test_the_defaults_that_keep_the_host_from_waiting_for_the_gpu_can_be_set_bac
     )
     assert config.training.logging_nan_inf_filter is True
     assert config.training.accelerator_config.non_blocking is False
+
+
+def test_without_a_gpu_batches_are_neither_pinned_nor_copied_without_blocking(tmp_path, monkeypatch):
+    """Pinned memory and non-blocking copies need an accelerator (torch and transformers warn on every run without
+    one); given explicitly they are kept."""
+    from dpolab import config as config_module
+
+    monkeypatch.setattr(config_module, "_accelerator_available", lambda: False)
+    path = write(tmp_path, REQUIRED)
+    config = parse_train_args(["--config", path])
+    assert config.training.dataloader_pin_memory is False and config.training.accelerator_config.non_blocking is False
+    config = parse_train_args(["--config", path, "--dataloader_pin_memory", "true", "--accelerator_config",
+                               '{"non_blocking": true}'])  # fmt: skip
+    assert config.training.dataloader_pin_memory is True and config.training.accelerator_config.non_blocking is True

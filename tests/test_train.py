@@ -71,6 +71,18 @@ def test_train_on_each_format(tmp_path, tiny_config, tiny_model_dir, fmt, capsys
         assert "WITHOUT the template" not in output.err
 
 
+def test_no_warning_a_user_cannot_act_on(tmp_path, tiny_config):
+    """TRL's calls to transformers' renamed gradient-checkpointing methods warned three times in every run. Run with
+    FutureWarnings as errors, in a process of its own (transformers routes warnings through logging): unfiltered,
+    the first one stops the run."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
+    config = tiny_config(data, activation_checkpointing=True, precompute_ref_log_probs=False, report_to=[])
+    command = [sys.executable, "-W", "error::FutureWarning", "-m", "dpolab.cli", "train", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Run finished" in result.stdout, result.stderr
+    assert "is deprecated" not in result.stderr, result.stderr
+
+
 def test_the_summary_counts_the_reference_pre_pass_as_set_up_not_training(tmp_path, tiny_config, monkeypatch, capsys):
     """Trainer's pairs/s and dpolab's runtime start at the first step; the pre-pass runs before it, in set-up."""
     import time

@@ -56,7 +56,8 @@ RENAMED_KEYS = {
 # for the GPU in every step: a NaN loss is logged as NaN, which stops the run (callbacks.RunGuard), instead of
 # transformers' `logging_nan_inf_filter` testing each step's loss on the host (a wait for the whole backward pass);
 # and batches are copied to the GPU from pinned memory without blocking (`non_blocking`), where a blocking copy waits
-# for the previous step to finish, so the next step's first kernels cannot be queued while the GPU still runs it.
+# for the previous step to finish, so the next step's first kernels cannot be queued while the GPU still runs it
+# (on a machine without a GPU, neither: `parse_train_args`).
 DPOLAB_DEFAULTS = {"report_to": ["tensorboard"], "logging_first_step": True, "precompute_ref_log_probs": True,
                    "logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}}  # fmt: skip
 
@@ -369,11 +370,16 @@ def parse_train_args(argv: list[str], require_data: bool = True) -> TrainConfig:
     namespace.output_dir = str(Path(namespace.runs_dir) / namespace.run_name)
     if namespace.bf16 is None:  # TRL turns an unset bf16 into True, which fails outright on a CPU-only machine
         namespace.bf16 = _bf16_supported() and not namespace.fp16
+    given = frozenset(yaml_values) | {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    if not _accelerator_available():  # nothing to pin memory for or copy to: torch and transformers would warn
+        if "dataloader_pin_memory" not in given:
+            namespace.dataloader_pin_memory = False
+        if "accelerator_config" not in given:
+            namespace.accelerator_config = {**namespace.accelerator_config, "non_blocking": False}
     script, training, model = _to_dataclasses(parser, namespace)
     problems = validate(script, training, model, require_data)
     if problems:
         raise DpolabError("Invalid configuration:\n  - " + "\n  - ".join(problems))
-    given = frozenset(yaml_values) | {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     return TrainConfig(script=script, training=training, model=model, source=origin, name_stem=name_stem, named=named,
                        given=given)  # fmt: skip
 
@@ -387,6 +393,12 @@ def _bf16_supported() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def _to_dataclasses(parser, namespace) -> tuple:

@@ -31,6 +31,7 @@ def run(config: TrainConfig) -> dict:
     from accelerate import PartialState
 
     began = time.time()
+    hide_warnings_users_cannot_act_on()
     process = PartialState()  # already set up by DPOConfig; a single process when not launched
     run_dir = RunDir(config.run_dir)
     resume_from = find_resume_checkpoint(run_dir, config.script.resume)
@@ -590,6 +591,15 @@ def answer_tokens(dataset, max_length: int | None) -> dict:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def hide_warnings_users_cannot_act_on() -> None:
+    """TRL 1.16 calls transformers 5's renamed gradient-checkpointing methods in every run: three deprecation
+    warnings for TRL to act on, not the user."""
+    import warnings
+
+    deprecated = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
 
 
 def invoked_command() -> str | None:
