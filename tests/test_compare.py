@@ -38,7 +38,10 @@ def test_compare_puts_the_settings_that_differ_first_and_names_each_runs_diagnos
     pure = synthetic_run(tmp_path, "pure-dpo", chosen_slope=-0.5, loss_type=["sigmoid"])
     with_sft = synthetic_run(tmp_path, "dpo-sft", chosen_slope=0.2, loss_type=["sigmoid", "sft"])
     assert main(["compare", str(pure), str(with_sft), "--output_dir", str(tmp_path / "cmp")]) == 0
-    assert "settings that differ: loss_type" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "settings that differ: loss_type" in out
+    assert re.search(r"^ +pure-dpo +dpo-sft$", out, re.M) and re.search(r"^loss_type +sigmoid +sigmoid,sft$", out, re.M)
+    assert "final loss" not in out  # neither run wrote a summary: no row of "not run" only
     page = (tmp_path / "cmp" / "compare.html").read_text()
     differ = page.index("<h2>Settings that differ")
     assert differ < page.index("<h2>Final and best metrics") < page.index("<h2>Curves")
@@ -63,9 +66,13 @@ def test_compare_tells_a_value_not_recorded_from_a_run_not_finished(tmp_path):
     summary = {"steps": 30, "epochs": 1.0, "runtime_s": 60.0, "pairs_per_s": 4.0, "final": {}, "final_eval": {}}
     (runs["a"] / "summary.json").write_text(json.dumps(summary | {"setup_s": 12.5}))
     (runs["b"] / "summary.json").write_text(json.dumps(summary))  # written before dpolab recorded setup_s
-    rows = {row[0]: row[1:] for row in metric_rows({n: read_run_files(RunDir(d)) for n, d in runs.items()})}
+    files = {n: read_run_files(RunDir(d)) for n, d in runs.items()}
+    rows = {row[0]: row[1:] for row in metric_rows(files)}
     assert rows["set-up (s)"] == [12.5, "not recorded", "not run"]  # c: no summary, the run did not finish
     assert rows["runtime (s)"] == [60.0, 60.0, "not run"]
+    from dpolab.compare import console_table
+
+    assert re.search(r"^set-up \(s\) +12\.5 +not recorded +not run$", console_table(files), re.M)
 
 
 def test_compare_errors(tmp_path, capsys):

@@ -52,6 +52,7 @@ def run(config: CompareConfig) -> Path:
     path = output / COMPARE_HTML
     write_atomic(path, render(runs, images, sweep_image, judge_image))
     differing = differing_settings(runs)
+    print(console_table(runs))
     print(f"compared {len(runs)} runs; settings that differ: {', '.join(differing) or 'none'}; page: {path}")
     return path
 
@@ -121,6 +122,24 @@ def metric_rows(runs: dict[str, RunFiles]) -> list[list]:
                 cells.append(source.get(key))
         rows.append([f"dpolab eval (final): {key}", *cells])
     return rows
+
+
+def console_table(runs: dict[str, RunFiles]) -> str:
+    """The settings that differ and every metric some run has, one column per run, for a terminal."""
+    configs = [settings_of(files) for files in runs.values()]
+    rows = [[key, *(config.get(key, NOT_RUN) for config in configs)] for key in differing_settings(runs)]
+    rows += [row for row in metric_rows(runs) if any(value not in (NOT_RUN, None) for value in row[1:])]
+    cells = [[row[0], *map(console_value, row[1:])] for row in [["", *runs], *rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+
+
+def console_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 LENGTH_BIAS_ROWS = (
