@@ -208,6 +208,7 @@ def test_sweep_evaluates_base_and_checkpoints_once(tmp_path, tiny_config, capsys
     assert main(["sweep", str(run_dir)]) == 0  # resumable: nothing is computed again
     out = capsys.readouterr().out
     assert out.count("already evaluated") == 3 and "evaluating" not in out
+    assert "rewards/accuracies  rewards/margins  logps/chosen" in out  # whole metric names in the printed table
     assert main(["sweep", str(tmp_path / "data")]) == 2
     assert "not a dpolab run directory" in capsys.readouterr().err
 

@@ -72,10 +72,10 @@ def write_sweep(rows: list[dict], run: RunDir) -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot_sweep({run.name: rows}, run.file(SWEEP_PNG))
-    width = 12
-    print("".join(f"{column[: width - 1]:>{width}}" for column in COLUMNS))
-    for row in rows:
-        print("".join(f"{_cell(row[column]):>{width}}" for column in COLUMNS))
+    cells = [list(COLUMNS), *([_cell(row[column]) for column in COLUMNS] for row in rows)]
+    widths = [max(len(line[index]) for line in cells) for index in range(len(COLUMNS))]
+    for line in cells:  # whole metric names, right-aligned columns
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     print(f"written: {run.file(SWEEP_CSV)}, {run.file(SWEEP_PNG)}")
 
 
