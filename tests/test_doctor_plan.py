@@ -218,6 +218,46 @@ def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, ti
     assert "not count; without them (the layers compiled one by one): without torch_compile_mode (drop" in message
 
 
+def test_out_of_memory_in_the_reference_pre_pass_names_its_batch_size(tmp_path, tiny_config, monkeypatch, capsys):
+    import torch
+    from trl import DPOTrainer
+
+    from dpolab.cli import main
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", out_of_memory)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
+    assert main(["train", "--config", str(tiny_config(data))]) == 2
+    message = capsys.readouterr().err
+    assert "CUDA ran out of memory in the reference pre-pass (train data, 4 pairs per batch)" in message
+    assert "run the same command with --precompute_ref_batch_size 2" in message and "Traceback" not in message
+    assert not (tmp_path / "runs" / "tiny").exists()  # a run that never started leaves nothing
+
+
+def test_out_of_memory_in_an_evaluation_names_the_eval_batch(tmp_path, tiny_config, monkeypatch, capsys):
+    import torch
+    from transformers import Trainer
+
+    from dpolab.cli import main
+
+    def evaluation_loop(self, *args, **kwargs):  # named as transformers' own: the frame the message looks for
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "evaluation_loop", evaluation_loop)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 12))
+    config = tiny_config(data, eval_holdout=0.25, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                         save_steps=1)  # fmt: skip
+    assert main(["train", "--config", str(config)]) == 2
+    message = capsys.readouterr().err
+    assert "CUDA ran out of memory at step 2 (micro-batch 4 x accumulation 1" in message
+    assert "It ran out in an evaluation (4 pairs per eval batch); smaller eval batches: " in message
+    last = tmp_path / "runs" / "tiny" / "checkpoint-1"  # the evaluation at step 2 runs before step 2's save
+    assert f"then resume from {last} with the same command plus --resume, --per_device_eval_batch_size 2." in message
+    assert "Traceback" not in message
+
+
 @pytest.mark.parametrize("weights, compiled", [("float32", False), ("bfloat16", False), ("float32", True)])
 def test_activations_per_token_are_what_a_real_layer_keeps(weights, compiled):
     """The plan's activation count against the tensors a Qwen2 decoder layer really saves for its backward (float32

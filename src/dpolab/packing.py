@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy
 import torch
 
+from dpolab.errors import DpolabError
+
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
 ANSWER_KEYS = ("packed_answer_index", "packed_answer_labels", "packed_answer_slot")  # read by `answer_head_forward`
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -575,10 +577,19 @@ def reference_trainer_class():
                                 pin_memory=device.type == "cuda")  # fmt: skip
             model = self.ref_model or self.model
             per_batch = []  # (chosen, rejected, chosen tokens, rejected tokens), on the device
-            for batch in tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch"):
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                chosen, rejected = self.compute_ref_log_probs(model, batch)
-                per_batch.append((chosen.float(), rejected.float(), *batch["completion_mask"][:, 1:].sum(1).chunk(2)))
+            try:
+                for batch in tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch"):
+                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                    chosen, rejected = self.compute_ref_log_probs(model, batch)
+                    per_batch.append((chosen.float(), rejected.float(),
+                                      *batch["completion_mask"][:, 1:].sum(1).chunk(2)))  # fmt: skip
+            except torch.OutOfMemoryError:
+                setting = (f"--precompute_ref_batch_size {batch_size // 2}" if batch_size > 1
+                           else "--precompute_ref_log_probs false (the reference in each step)")  # fmt: skip
+                raise DpolabError(
+                    f"CUDA ran out of memory in the reference pre-pass ({name} data, {batch_size} pairs per batch), "
+                    f"before training started: run the same command with {setting}."
+                ) from None
             read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 4  # one transfer each
             result = dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), read))
             result["chosen_unweighted"] = result["chosen"]  # cached only without ld_alpha: the plain sums

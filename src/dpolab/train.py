@@ -492,8 +492,9 @@ def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: st
     with guard.catching_ctrl_c(), score_completion_tokens_only():
         try:
             train_output = trainer.train(resume_from_checkpoint=resume_from)
-        except torch.OutOfMemoryError:
-            raise DpolabError(out_of_memory_message(trainer, run_dir, config)) from None
+        except torch.OutOfMemoryError as error:
+            in_evaluation = ran_in_evaluation(error)
+            raise DpolabError(out_of_memory_message(trainer, run_dir, config, in_evaluation)) from None
         except Exception as error:
             if not is_compile_failure(error):
                 raise
@@ -623,16 +624,22 @@ def non_finite_message(non_finite: tuple[int, str, float], run_dir: RunDir, lear
     )
 
 
-def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
+def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig, in_evaluation: bool = False) -> str:
     """What ran out, a setting with half the memory for activations (same global batch), and where to resume.
-    Under the CUDA-graph modes first the mode unset: its graphs' memory pool is what `plan` does not count."""
+    Under the CUDA-graph modes first the mode unset: its graphs' memory pool is what `plan` does not count. In an
+    evaluation between steps: a smaller eval batch."""
     from dpolab.packing import records_cuda_graphs
 
     training = trainer.args
     batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     advice = "A setting that needs about half the activation memory, same global batch"
     # trainer.args no longer has the mode (dpolab compiles): the run's settings do
-    if records_cuda_graphs(config.training.torch_compile, config.training.torch_compile_mode):
+    if in_evaluation:
+        eval_batch = training.per_device_eval_batch_size
+        advice = f"It ran out in an evaluation ({eval_batch} pairs per eval batch); smaller eval batches"
+        setting = (f"--per_device_eval_batch_size {eval_batch // 2}" if eval_batch > 1
+                   else "--eval_strategy no (and `dpolab sweep` the checkpoints afterwards)")  # fmt: skip
+    elif records_cuda_graphs(config.training.torch_compile, config.training.torch_compile_mode):
         advice = ("The CUDA graphs of torch_compile_mode keep a memory pool of their own, which the plan does not "
                   "count; without them (the layers compiled one by one)")  # fmt: skip
         setting = "without torch_compile_mode (drop the flag or the YAML key)"
@@ -656,6 +663,13 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
         f"{advice}: {setting}; {resume}. `dpolab plan "
         f"--config {run_dir.config_file} --gpu_memory_gib N` shows the components."
     )
+
+
+def ran_in_evaluation(error: BaseException) -> bool:
+    """Whether the error was raised in an evaluation inside training (transformers' evaluation loop)."""
+    import traceback
+
+    return any(frame.name == "evaluation_loop" for frame in traceback.extract_tb(error.__traceback__))
 
 
 def is_compile_failure(error: BaseException) -> bool:
