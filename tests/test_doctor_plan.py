@@ -195,14 +195,17 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     assert "; the CUDA graphs memory pool not counted)" in capsys.readouterr().out
 
 
-def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):
+def out_of_memory(*args, **kwargs):
+    """A method that fails as CUDA does when the card is full."""
     import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):
     from trl import DPOTrainer
 
     from dpolab.cli import main
-
-    def out_of_memory(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(DPOTrainer, "train", out_of_memory)
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
@@ -219,13 +222,9 @@ def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, ti
 
 
 def test_out_of_memory_in_the_reference_pre_pass_names_its_batch_size(tmp_path, tiny_config, monkeypatch, capsys):
-    import torch
     from trl import DPOTrainer
 
     from dpolab.cli import main
-
-    def out_of_memory(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", out_of_memory)
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
@@ -237,13 +236,12 @@ def test_out_of_memory_in_the_reference_pre_pass_names_its_batch_size(tmp_path, 
 
 
 def test_out_of_memory_in_an_evaluation_names_the_eval_batch(tmp_path, tiny_config, monkeypatch, capsys):
-    import torch
     from transformers import Trainer
 
     from dpolab.cli import main
 
-    def evaluation_loop(self, *args, **kwargs):  # named as transformers' own: the frame the message looks for
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def evaluation_loop(*args, **kwargs):  # named as transformers' own: the frame the message looks for
+        out_of_memory()
 
     monkeypatch.setattr(Trainer, "evaluation_loop", evaluation_loop)
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 12))
