@@ -144,6 +144,11 @@ CASES = {
         lambda w: ["data", "check", "--config", w.config()],
         "is a `dpolab train` config: check its data with --train_config",
     ),
+    "judge without a reward model": (
+        lambda w: ["judge", str(w.tmp / "runs" / "x")],
+        "--reward_model is required (a sequence-classification reward model with one output: local directory or "
+        "Hub id, e.g. Skywork/Skywork-Reward-V2-Qwen3-0.6B).",
+    ),
     "eval of a missing checkpoint": (
         lambda w: ["eval", "--model", str(w.tmp / "runs" / "x" / "checkpoint-7")],
         "Checkpoint not found",

@@ -565,7 +565,8 @@ def parse_config(config_class, argv: list[str]):
         index += 1
     for option in all_options:
         if option.required and option.name not in values:
-            problems.append(f"{option.name.upper() if option.positional else '--' + option.name} is required.")
+            label = option.name.upper() if option.positional else f"--{option.name}"
+            problems.append(f"{label} is required ({option.help})." if option.help else f"{label} is required.")
     if problems:
         raise DpolabError("Invalid options:\n  - " + "\n  - ".join(problems))
     return make_config(config_class, **values)

@@ -44,7 +44,10 @@ class JudgeConfig(Decoding):
 
     run_dir: str = field(metadata={"positional": True, "help": "the run directory"})
     reward_model: str = field(
-        metadata={"help": "a sequence-classification reward model with one output: local directory or Hub id"}
+        metadata={
+            "help": "a sequence-classification reward model with one output: local directory or Hub id, "
+            "e.g. Skywork/Skywork-Reward-V2-Qwen3-0.6B"
+        }
     )
     models: str = field(
         default="base,final",
