@@ -125,3 +125,27 @@ def test_metrics_survive_a_line_cut_by_a_crash(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
     RunDir(tmp_path).truncate_metrics(1)
     assert path.read_text() == '{"step": 1, "loss": 0.7}\n'
+
+
+def test_a_full_disk_while_saving_says_what_to_free_and_where_to_resume(tmp_path, tiny_config, monkeypatch, capsys):
+    import errno
+
+    from trl import DPOTrainer
+
+    save = DPOTrainer._save_checkpoint
+
+    def disk_full_at_step_2(self, model, trial):
+        if self.state.global_step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, model, trial)
+
+    monkeypatch.setattr(DPOTrainer, "_save_checkpoint", disk_full_at_step_2)
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 12))
+    config = tiny_config(data, save_strategy="steps", save_steps=1, save_total_limit=2)
+    assert main(["train", "--config", str(config)]) == 2
+    message = capsys.readouterr().err
+    run = tmp_path / "runs" / "tiny"
+    assert f"The disk under {run} is full (at step 2, saving)" in message
+    last = run / "checkpoint-1"
+    assert f"(--save_total_limit 1), then resume from {last} with the same command plus --resume" in message
+    assert "Traceback" not in message and not (run / "final").exists()

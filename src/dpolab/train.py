@@ -7,6 +7,7 @@ checkpoint-N/, final/ and summary.json. An existing run is never overwritten.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import shutil
 import sys
@@ -495,6 +496,10 @@ def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: st
         except torch.OutOfMemoryError as error:
             in_evaluation = ran_in_evaluation(error)
             raise DpolabError(out_of_memory_message(trainer, run_dir, config, in_evaluation)) from None
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise DpolabError(disk_full_message(trainer, run_dir, config)) from None
         except Exception as error:
             if not is_compile_failure(error):
                 raise
@@ -662,6 +667,19 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig, in_eval
         f"{accumulation}, activation checkpointing {str(bool(training.activation_checkpointing)).lower()}). "
         f"{advice}: {setting}; {resume}. `dpolab plan "
         f"--config {run_dir.config_file} --gpu_memory_gib N` shows the components."
+    )
+
+
+def disk_full_message(trainer, run_dir: RunDir, config: TrainConfig) -> str:
+    """The disk filled while saving: where, what a checkpoint takes, and how to go on (a checkpoint cut short by
+    the full disk is skipped by --resume)."""
+    last = run_dir.last_complete_checkpoint()
+    keep = config.training.save_total_limit
+    then = f"then resume from {last} with the same command plus --resume" if last else "then start again"
+    return (
+        f"The disk under {run_dir.path} is full (at step {trainer.state.global_step}, saving). Each checkpoint holds "
+        f"the weights and the optimizer states; free space or keep fewer of them (--save_total_limit "
+        f"{max((keep or 3) - 1, 1)}), {then}. `dpolab doctor` shows the free space."
     )
 
 
