@@ -149,3 +149,34 @@ def test_a_full_disk_while_saving_says_what_to_free_and_where_to_resume(tmp_path
     last = run / "checkpoint-1"
     assert f"(--save_total_limit 1), then resume from {last} with the same command plus --resume" in message
     assert "Traceback" not in message and not (run / "final").exists()
+
+
+def test_disk_space_a_run_needs_by_hand():
+    from types import SimpleNamespace
+
+    from dpolab.train import disk_space_needed
+
+    full = SimpleNamespace(save_strategy="steps", save_steps=500, save_total_limit=3, num_train_epochs=1)
+    weights = 494_032_768 * 4  # Qwen2-0.5B in float32, every weight trained
+    # 3,900 steps save 7 checkpoints; 3 kept, a 4th written before the oldest goes: 4 x (weights + 2 AdamW states)
+    assert disk_space_needed(weights, weights, full, steps=3900) == 4 * 3 * weights + weights
+    assert disk_space_needed(weights, weights, full, steps=1000) == 2 * 3 * weights + weights  # 2 saves only
+    no_saves = SimpleNamespace(**{**vars(full), "save_strategy": "no"})
+    assert disk_space_needed(weights, weights, no_saves, steps=3900) == weights  # final/ alone
+    adapter = 8_798_208 * 4  # LoRA r=32 on every projection: the adapter alone is saved
+    assert disk_space_needed(adapter, adapter, full, steps=3900) == 4 * 3 * adapter + adapter
+
+
+def test_a_run_whose_checkpoints_will_not_fit_is_warned_before_it_starts(tmp_path, tiny_config, monkeypatch, capsys):
+    import shutil
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
+    config = tiny_config(data, save_strategy="steps", save_steps=1, save_total_limit=2)
+    assert main(["train", "--config", str(config)]) == 0
+    assert "GiB free under" not in capsys.readouterr().err  # this machine's disk holds a tiny run
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert main(["train", "--config", str(config), "--run_name", "small-disk"]) == 0  # a warning, not an error
+    message = capsys.readouterr().err
+    assert f"WARNING: 0.0 GiB free under {tmp_path / 'runs' / 'small-disk'}, and this run's checkpoints" in message
+    assert "save_total_limit 2" in message

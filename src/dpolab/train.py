@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import math
 import os
 import shutil
 import sys
@@ -52,6 +53,8 @@ def run(config: TrainConfig) -> dict:
     process.wait_for_everyone()
 
     trainer = build_trainer_or_clean_up(config, run_dir, model_path, tokenizer, train_pairs, eval_pairs, process)
+    if process.is_main_process:
+        warn_disk_space(trainer, run_dir)
     started = time.time()
     train_output = train_guarded(trainer, run_dir, config, resume_from)
     evaluate_at_end(trainer, eval_pairs is not None, config)
@@ -436,6 +439,45 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
     if lost is not None and lost.share > 0.1:
         text = lost_update_warning(lost, training.learning_rate, optim)
         print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+
+
+def warn_disk_space(trainer, run_dir: RunDir) -> None:
+    """A run whose checkpoints will not fit the disk under its run directory is told so before its first step."""
+    args = trainer.args
+    weights = trainable = 0
+    for parameter in trainer.model.parameters():
+        size = parameter.numel() * parameter.element_size()
+        weights += size
+        trainable += size if parameter.requires_grad else 0
+    saved = trainable if hasattr(trainer.model, "peft_config") else weights  # LoRA saves the adapter alone
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    epoch_steps = -(-len(trainer.train_dataset) // per_step)
+    steps = args.max_steps if args.max_steps > 0 else epoch_steps * math.ceil(args.num_train_epochs)
+    needed = disk_space_needed(saved, trainable, args, steps)
+    free = shutil.disk_usage(run_dir.path).free
+    if needed > free:
+        print(
+            f"\n{'!' * 100}\nWARNING: {free / 2**30:.1f} GiB free under {run_dir.path}, and this run's checkpoints "
+            f"and final/ need about {needed / 2**30:.1f} GiB (weights and optimizer states, save_total_limit "
+            f"{args.save_total_limit}). Free space, keep fewer checkpoints (--save_total_limit) or save less often "
+            f"(--save_steps), or set --runs_dir on a larger disk.\n{'!' * 100}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def disk_space_needed(saved_bytes: int, trainable_bytes: int, args, steps: int) -> int:
+    """Bytes a run's saves take at their peak: each checkpoint holds the saved weights and AdamW's two states of
+    the trainable ones (in their dtype); the Trainer writes a new checkpoint before it deletes the oldest (one more
+    than save_total_limit); final/ holds the weights once more."""
+    checkpoints = 0
+    if args.save_strategy == "steps" and args.save_steps:
+        checkpoints = steps // int(args.save_steps) if args.save_steps >= 1 else round(1 / args.save_steps)
+    elif args.save_strategy in ("epoch", "best"):
+        checkpoints = max(math.ceil(args.num_train_epochs), 1)
+    if args.save_total_limit:
+        checkpoints = min(checkpoints, args.save_total_limit + 1)
+    return checkpoints * (saved_bytes + 2 * trainable_bytes) + saved_bytes
 
 
 def load_policy(config: TrainConfig, model_path: str):
