@@ -71,6 +71,27 @@ def test_train_on_each_format(tmp_path, tiny_config, tiny_model_dir, fmt, capsys
         assert "WITHOUT the template" not in output.err
 
 
+def test_tensorboard_custom_scalars_chart_what_the_run_logged(tmp_path, tiny_config):
+    """The Custom Scalars tab's charts: every metric pattern in them matches exactly one curve the run wrote, train
+    and eval (a misspelt name would draw an empty chart)."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 12))
+    config = tiny_config(data, eval_holdout=0.25, eval_strategy="steps", eval_steps=2)
+    assert main(["train", "--config", str(config)]) == 0
+    events = EventAccumulator(str(tmp_path / "runs" / "tiny" / "tensorboard"))
+    events.Reload()
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    curves = events.Tags()["scalars"]
+    patterns = [pattern for section in layout.category for chart in section.chart for pattern in chart.multiline.tag]
+    assert len(patterns) == 18 and "^eval/logps/rejected$" in patterns
+    for pattern in patterns:
+        assert len([curve for curve in curves if re.search(pattern, curve)]) == 1, (pattern, curves)
+
+
 def test_no_warning_a_user_cannot_act_on(tmp_path, tiny_config):
     """TRL's calls to transformers' renamed gradient-checkpointing methods warned three times in every run. Run with
     FutureWarnings as errors, in a process of its own (transformers routes warnings through logging): unfiltered,

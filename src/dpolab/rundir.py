@@ -52,6 +52,24 @@ KEY_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", 
 FORWARD_METRIC_PREFIXES = ("rewards/", "logps/", "logits/", "entropy", "mean_token_accuracy")
 # config.yaml carries versions etc. under this key; loading it back as a config skips the key.
 PROVENANCE_KEY = "dpolab_provenance"
+# tensorboard/'s Custom Scalars tab: {section: {chart: the metrics drawn on it}}, each metric as transformers names it
+# (train/<name>, eval/<name>): train and eval on one chart, chosen beside rejected, where the Scalars tab draws each
+# metric on a chart of its own among ~35.
+TENSORBOARD_LAYOUT = {
+    "DPO: train and eval on one chart": {
+        "loss": ["train/loss", "eval/loss"],
+        "rewards/margins": ["train/rewards/margins", "eval/rewards/margins"],
+        "rewards/accuracies": ["train/rewards/accuracies", "eval/rewards/accuracies"],
+        "logps: chosen and rejected": ["train/logps/chosen", "train/logps/rejected", "eval/logps/chosen",
+                                       "eval/logps/rejected"],
+        "rewards: chosen and rejected": ["train/rewards/chosen", "train/rewards/rejected", "eval/rewards/chosen",
+                                         "eval/rewards/rejected"],
+    },
+    "Optimization": {
+        "learning rate and gradient norm": ["train/learning_rate", "train/grad_norm"],
+        "weights moved": ["train/weights/changed_share", "train/weights/relative_change"],
+    },
+}  # fmt: skip
 
 
 # --- files ---------------------------------------------------------------------------------------------------

@@ -274,11 +274,26 @@ def start_run_directory(run_dir: RunDir, config: TrainConfig, provenance: dict, 
     """Create (or reopen, when resuming) the run directory and write its resolved config.yaml."""
     run_dir.path.mkdir(parents=True, exist_ok=config.script.resume)
     write_atomic(run_dir.config_file, yaml.safe_dump(resolved_config(config, provenance), sort_keys=False))
+    if "tensorboard" in config.training.report_to and not resume_from:
+        write_tensorboard_layout(run_dir)
     if resume_from:
         from dpolab.rundir import checkpoint_step
 
         run_dir.truncate_metrics(checkpoint_step(resume_from))
         print(f"Resuming {run_dir.path} from {Path(resume_from).name}", flush=True)
+
+
+def write_tensorboard_layout(run_dir: RunDir) -> None:
+    """The charts of TensorBoard's Custom Scalars tab (`rundir.TENSORBOARD_LAYOUT`), in an event file of their own."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dpolab.rundir import TENSORBOARD_LAYOUT
+
+    # each metric as an anchored pattern: the tab matches regular expressions, and train/loss is also in train/loss_x
+    layout = {section: {chart: ["Multiline", [f"^{name}$" for name in names]] for chart, names in charts.items()}
+              for section, charts in TENSORBOARD_LAYOUT.items()}  # fmt: skip
+    with SummaryWriter(str(run_dir.tensorboard_dir), filename_suffix=".layout") as writer:
+        writer.add_custom_scalars(layout)
 
 
 def build_trainer_or_clean_up(config, run_dir: RunDir, model_path, tokenizer, train_pairs, eval_pairs, process):
