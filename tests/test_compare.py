@@ -51,6 +51,10 @@ def test_compare_puts_the_settings_that_differ_first_and_names_each_runs_diagnos
     sft_part = diagnostics[diagnostics.index("<h3>dpo-sft") :]
     assert "<b>likelihood displacement</b>" in pure_part and "<b>likelihood displacement</b>" not in sft_part
     assert "No known DPO failure pattern" in sft_part
+    assert main(["report", str(pure)]) == 0
+    printed = capsys.readouterr().out
+    assert "DIAGNOSTIC likelihood displacement: " in printed and "\n  try: " in printed
+    assert "1 diagnostic finding(s); report: " in printed
     assert page.count("not run") >= 3  # no sweep, no eval, no generations in these runs
     pngs = sorted(p.name for p in (tmp_path / "cmp").glob("*.png"))
     assert "logps_chosen.png" in pngs and "loss.png" in pngs

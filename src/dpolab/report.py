@@ -36,6 +36,8 @@ def run(config: ReportConfig) -> Path:
     findings = diagnose_run(files.records, files.config, files.summary, files.generation_stats, files.final_eval)
     path = files.run.file(REPORT_HTML)
     write_atomic(path, render(files, images, [f.as_dict() for f in findings]))
+    for finding in findings:  # the page's first section, in the terminal too
+        print(f"DIAGNOSTIC {finding.name}: {finding.evidence}\n  try: {finding.suggestion}")
     print(f"{len(findings)} diagnostic finding(s); report: {path}")
     return path
 
