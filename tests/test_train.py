@@ -71,6 +71,20 @@ def test_train_on_each_format(tmp_path, tiny_config, tiny_model_dir, fmt, capsys
         assert "WITHOUT the template" not in output.err
 
 
+def test_the_run_is_described_before_its_first_step(tmp_path, tiny_config, capsys):
+    """Steps, pairs per step and their split, as the Trainer then runs them: one epoch of 10 pairs in global
+    batches of 4 (2 x accumulation 2) is 3 steps, the last one short."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 10))
+    config = tiny_config(data, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="cosine")  # fmt: skip
+    assert main(["train", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Training: 3 steps x 4 pairs (2 per micro-batch x accumulation 2) = 1.00 epochs of 10 pairs; " in out
+    assert "learning_rate 0.001 (cosine), beta 0.1, loss_type sigmoid, max_length 64; no checkpoints" in out
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["steps"] == 3
+
+
 def test_tensorboard_custom_scalars_chart_what_the_run_logged(tmp_path, tiny_config):
     """The Custom Scalars tab's charts: every metric pattern in them matches exactly one curve the run wrote, train
     and eval (a misspelt name would draw an empty chart)."""

@@ -54,6 +54,7 @@ def run(config: TrainConfig) -> dict:
 
     trainer = build_trainer_or_clean_up(config, run_dir, model_path, tokenizer, train_pairs, eval_pairs, process)
     if process.is_main_process:
+        print(describe_training(trainer), flush=True)
         warn_disk_space(trainer, run_dir)
     started = time.time()
     train_output = train_guarded(trainer, run_dir, config, resume_from)
@@ -456,6 +457,32 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
         print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
 
 
+def planned_steps(args, train_pairs: int) -> int:
+    """The optimizer steps the Trainer will take: max_steps, else whole epochs of global batches (the last one
+    short, as the Trainer's dataloader keeps it)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    return args.max_steps if args.max_steps > 0 else -(-train_pairs // per_step) * math.ceil(args.num_train_epochs)
+
+
+def describe_training(trainer) -> str:
+    """The run in one line, before its first step: steps, pairs per step and how they split, the share of the
+    data, and the settings that shape the curves."""
+    args, pairs = trainer.args, len(trainer.train_dataset)
+    steps, processes = planned_steps(args, pairs), max(args.world_size, 1)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    split = f"{args.per_device_train_batch_size} per micro-batch x accumulation {args.gradient_accumulation_steps}"
+    split += f" x {processes} processes" if processes > 1 else ""
+    saves = f"a checkpoint every {args.save_steps:g} steps" if args.save_strategy == "steps" else "no checkpoints"
+    saves = "a checkpoint every epoch" if args.save_strategy == "epoch" else saves
+    epochs = steps * per_step / pairs if args.max_steps > 0 else args.num_train_epochs
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # TrainingArguments: an enum
+    return (
+        f"Training: {steps:,} steps x {per_step} pairs ({split}) = {epochs:.2f} epochs of {pairs:,} pairs; "
+        f"learning_rate {args.learning_rate:g} ({scheduler}), beta {args.beta:g}, loss_type "
+        f"{'+'.join(args.loss_type)}, max_length {args.max_length}; {saves}"
+    )
+
+
 def warn_disk_space(trainer, run_dir: RunDir) -> None:
     """A run whose checkpoints will not fit the disk under its run directory is told so before its first step."""
     args = trainer.args
@@ -465,10 +492,7 @@ def warn_disk_space(trainer, run_dir: RunDir) -> None:
         weights += size
         trainable += size if parameter.requires_grad else 0
     saved = trainable if hasattr(trainer.model, "peft_config") else weights  # LoRA saves the adapter alone
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-    epoch_steps = -(-len(trainer.train_dataset) // per_step)
-    steps = args.max_steps if args.max_steps > 0 else epoch_steps * math.ceil(args.num_train_epochs)
-    needed = disk_space_needed(saved, trainable, args, steps)
+    needed = disk_space_needed(saved, trainable, args, planned_steps(args, len(trainer.train_dataset)))
     free = shutil.disk_usage(run_dir.path).free
     if needed > free:
         print(
