@@ -472,8 +472,9 @@ def describe_training(trainer) -> str:
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
     split = f"{args.per_device_train_batch_size} per micro-batch x accumulation {args.gradient_accumulation_steps}"
     split += f" x {processes} processes" if processes > 1 else ""
-    saves = f"a checkpoint every {args.save_steps:g} steps" if args.save_strategy == "steps" else "no checkpoints"
-    saves = "a checkpoint every epoch" if args.save_strategy == "epoch" else saves
+    saves = {"steps": f"a checkpoint every {args.save_steps:g} steps", "epoch": "a checkpoint every epoch",
+             "best": f"a checkpoint at each best {args.metric_for_best_model}"}  # fmt: skip
+    saves = saves.get(getattr(args.save_strategy, "value", args.save_strategy), "no checkpoints")
     epochs = steps * per_step / pairs if args.max_steps > 0 else args.num_train_epochs
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # TrainingArguments: an enum
     return (
