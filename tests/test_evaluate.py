@@ -179,6 +179,27 @@ def test_eval_errors(tmp_path, tiny_config, tiny_model_dir, capsys):
     assert "No pair of" in capsys.readouterr().err
 
 
+def test_eval_out_of_memory_names_a_smaller_batch_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import torch
+
+    from dpolab import logps
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(logps, "length_weighted_logps", out_of_memory)  # read by the scoring loop at each call
+    write_jsonl(tmp_path / "d" / "test.jsonl", rows_in_format("messages", 6))
+    model, output = str(tiny_model_dir), tmp_path / "out"
+    argv = ["eval", "--model", model, "--ref", model, "--data", str(tmp_path / "d"), "--output_dir", str(output)]
+    assert main([*argv, "--batch_size", "4"]) == 2
+    message = capsys.readouterr().err
+    assert "CUDA ran out of memory scoring the reference at 4 pairs per batch: run the same command with " in message
+    assert "--batch_size 2." in message and "Traceback" not in message
+    assert main([*argv, "--batch_size", "1"]) == 2
+    assert "one pair per batch does not fit: a shorter --max_length, or the CPU." in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_policy_and_reference_tokenizers_must_match(tmp_path, tiny_config, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

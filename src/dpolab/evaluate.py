@@ -328,22 +328,29 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     device = next(model.parameters()).device
     with torch.no_grad(), adapter_off, score_completion_tokens_only(), autocast(settings, device.type):
-        for start in tqdm(range(0, len(examples), settings.batch_size), desc=f"Scoring ({desc})", unit="batch"):
-            batch = collator(
-                [
-                    {k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                    for e in examples[start : start + settings.batch_size]
-                ]
-            )
-            batch = {key: value.to(device) for key, value in batch.items()}
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
-            outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
-            seq_len = batch["completion_mask"].size(1) - 1
-            per_token = outputs.log_probs[:, -seq_len:].float()
-            shifted_mask = batch["completion_mask"][:, 1:]
-            logps, plain, tokens = length_weighted_logps(per_token, shifted_mask, settings.ld_alpha)
-            per_batch.append((*logps.chunk(2), plain.chunk(2)[0], *tokens.int().chunk(2)))
+        try:
+            for start in tqdm(range(0, len(examples), settings.batch_size), desc=f"Scoring ({desc})", unit="batch"):
+                batch = collator(
+                    [
+                        {k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                        for e in examples[start : start + settings.batch_size]
+                    ]
+                )
+                batch = {key: value.to(device) for key, value in batch.items()}
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
+                outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
+                seq_len = batch["completion_mask"].size(1) - 1
+                per_token = outputs.log_probs[:, -seq_len:].float()
+                shifted_mask = batch["completion_mask"][:, 1:]
+                logps, plain, tokens = length_weighted_logps(per_token, shifted_mask, settings.ld_alpha)
+                per_batch.append((*logps.chunk(2), plain.chunk(2)[0], *tokens.int().chunk(2)))
+        except torch.OutOfMemoryError:
+            smaller = (f"run the same command with --batch_size {settings.batch_size // 2}" if settings.batch_size > 1
+                       else "one pair per batch does not fit: a shorter --max_length, or the CPU")  # fmt: skip
+            raise DpolabError(
+                f"CUDA ran out of memory scoring the {desc} at {settings.batch_size} pairs per batch: {smaller}."
+            ) from None
     read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 5
     return dict(zip(("chosen", "rejected", "chosen_unweighted", "chosen_tokens", "rejected_tokens"), read))
 
