@@ -62,3 +62,20 @@ def test_generate_errors(tmp_path, tiny_model_dir, plain_model_dir, capsys):
     assert "'base' needs the other --models" in capsys.readouterr().err
     assert main(["generate", "--models", str(plain_model_dir), "--output_dir", str(tmp_path)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_generate_out_of_memory_names_a_smaller_batch_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import torch
+    from transformers import GenerationMixin
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GenerationMixin, "generate", out_of_memory)
+    output = tmp_path / "out"
+    argv = ["generate", "--models", str(tiny_model_dir), "--max_new_tokens", "4", "--output_dir", str(output)]
+    assert main([*argv, "--batch_size", "8"]) == 2
+    message = capsys.readouterr().err
+    assert "CUDA ran out of memory generating 4 tokens for 8 prompts at once: run the same command with " in message
+    assert "--batch_size 4." in message and "Traceback" not in message
+    assert not list(output.glob("generations*"))

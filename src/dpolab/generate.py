@@ -76,6 +76,12 @@ def generate_responses(
                         "hit_max": ended is None and len(row) >= max_new_tokens,
                     }
                 )
+    except torch.OutOfMemoryError:
+        smaller = (f"run the same command with --batch_size {batch_size // 2}" if batch_size > 1
+                   else "one prompt at a time does not fit: a smaller --max_new_tokens")  # fmt: skip
+        raise DpolabError(
+            f"CUDA ran out of memory generating {max_new_tokens} tokens for {batch_size} prompts at once: {smaller}."
+        ) from None
     finally:
         tokenizer.padding_side = padding_side
     return replies
