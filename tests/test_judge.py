@@ -123,7 +123,7 @@ def test_judge_reads_generations_already_written(judged_run, reward_models, caps
     assert "holds no answers of base" in capsys.readouterr().err
 
 
-def test_judge_refuses_what_is_not_a_reward_model(judged_run, reward_models, tiny_model_dir, capsys):
+def test_judge_errors_and_what_is_not_a_reward_model(judged_run, reward_models, tiny_model_dir, capsys):
     run_dir, prompts = judged_run
     common = ["--prompts", str(prompts), "--max_new_tokens", "4"]
     assert main(["judge", str(run_dir), "--reward_model", str(tiny_model_dir), *common]) == 2
@@ -135,4 +135,17 @@ def test_judge_refuses_what_is_not_a_reward_model(judged_run, reward_models, tin
     assert "has no model 'checkpoint-99'" in capsys.readouterr().err
     assert main(["judge", str(run_dir), "--reward_model", reward, "--samples", "3", *common]) == 2
     assert "--samples > 1 needs --do_sample" in capsys.readouterr().err
+    assert not (run_dir / "judge.json").exists()
+    import torch
+    from transformers import Qwen2ForSequenceClassification
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.MonkeyPatch.context() as patch:  # the reward model's forward on a full card
+        patch.setattr(Qwen2ForSequenceClassification, "forward", out_of_memory)
+        assert main(["judge", str(run_dir), "--reward_model", reward, "--batch_size", "4", *common]) == 2
+    message = capsys.readouterr().err
+    assert f"CUDA ran out of memory scoring 4 answers at once with {reward}: run the same command with " in message
+    assert "--batch_size 2." in message and "Traceback" not in message
     assert not (run_dir / "judge.json").exists()

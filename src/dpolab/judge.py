@@ -231,6 +231,12 @@ def score_answers(reward_path: str, answers: list[dict], config: JudgeConfig) ->
             with torch.no_grad():
                 logits = model(**inputs.to(model.device)).logits
             scores += logits[:, 0].float().tolist()
+    except torch.OutOfMemoryError:
+        smaller = (f"run the same command with --batch_size {config.batch_size // 2}" if config.batch_size > 1
+                   else "one answer at a time does not fit: a smaller reward model or --max_new_tokens")  # fmt: skip
+        raise DpolabError(
+            f"CUDA ran out of memory scoring {config.batch_size} answers at once with {reward_path}: {smaller}."
+        ) from None
     finally:
         tokenizer.padding_side = padding_side
     return scores
