@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab.config import given_fields, trl_default
-from dpolab.errors import DpolabError
+from dpolab.errors import DpolabError, out_of_memory_error
 from dpolab.rundir import EVAL_RECORDS, EVAL_SUMMARY, RunDir, locate_model, write_json, write_jsonl
 
 # Aggregates carry TRL's metric names; `/per_token` variants divide each log-prob sum by its token count.
@@ -346,11 +346,9 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
                 logps, plain, tokens = length_weighted_logps(per_token, shifted_mask, settings.ld_alpha)
                 per_batch.append((*logps.chunk(2), plain.chunk(2)[0], *tokens.int().chunk(2)))
         except torch.OutOfMemoryError:
-            smaller = (f"run the same command with --batch_size {settings.batch_size // 2}" if settings.batch_size > 1
-                       else "one pair per batch does not fit: a shorter --max_length, or the CPU")  # fmt: skip
-            raise DpolabError(
-                f"CUDA ran out of memory scoring the {desc} at {settings.batch_size} pairs per batch: {smaller}."
-            ) from None
+            doing = f"scoring the {desc} at {settings.batch_size} pairs per batch"
+            at_one = "one pair per batch does not fit: a shorter --max_length, or the CPU"
+            raise out_of_memory_error(doing, settings.batch_size, at_one) from None
     read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 5
     return dict(zip(("chosen", "rejected", "chosen_unweighted", "chosen_tokens", "rejected_tokens"), read))
 

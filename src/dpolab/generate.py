@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.errors import DpolabError
+from dpolab.errors import DpolabError, out_of_memory_error
 from dpolab.rundir import (
     GENERATION_STATS,
     GENERATIONS,
@@ -77,11 +77,9 @@ def generate_responses(
                     }
                 )
     except torch.OutOfMemoryError:
-        smaller = (f"run the same command with --batch_size {batch_size // 2}" if batch_size > 1
-                   else "one prompt at a time does not fit: a smaller --max_new_tokens")  # fmt: skip
-        raise DpolabError(
-            f"CUDA ran out of memory generating {max_new_tokens} tokens for {batch_size} prompts at once: {smaller}."
-        ) from None
+        doing = f"generating {max_new_tokens} tokens for {batch_size} prompts at once"
+        at_one = "one prompt at a time does not fit: a smaller --max_new_tokens"
+        raise out_of_memory_error(doing, batch_size, at_one) from None
     finally:
         tokenizer.padding_side = padding_side
     return replies

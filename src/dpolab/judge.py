@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.errors import DpolabError
+from dpolab.errors import DpolabError, out_of_memory_error
 from dpolab.generate import Decoding
 from dpolab.rundir import (
     GENERATION_STATS,
@@ -232,11 +232,9 @@ def score_answers(reward_path: str, answers: list[dict], config: JudgeConfig) ->
                 logits = model(**inputs.to(model.device)).logits
             scores += logits[:, 0].float().tolist()
     except torch.OutOfMemoryError:
-        smaller = (f"run the same command with --batch_size {config.batch_size // 2}" if config.batch_size > 1
-                   else "one answer at a time does not fit: a smaller reward model or --max_new_tokens")  # fmt: skip
-        raise DpolabError(
-            f"CUDA ran out of memory scoring {config.batch_size} answers at once with {reward_path}: {smaller}."
-        ) from None
+        doing = f"scoring {config.batch_size} answers at once with {reward_path}"
+        at_one = "one answer at a time does not fit: a smaller reward model or --max_new_tokens"
+        raise out_of_memory_error(doing, config.batch_size, at_one) from None
     finally:
         tokenizer.padding_side = padding_side
     return scores
