@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one call on a lent machine (no network; torch and accelerate are the machine's):
-#   bash bench/device.sh     # in $OUT: table.md, rows.json, profiles.txt, machine.txt, log.txt (5 files)
+#   bash bench/device.sh     # in $OUT: table.md, rows.json, profiles.txt, machine.txt, doctor.txt, log.txt
 # It installs the tested set's other wheels from .whl/, fetched beforehand on a machine with PyPI:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
@@ -27,6 +27,8 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   date -u
 } > "$OUT/machine.txt"
+# dpolab's own checks on the lent machine (its GPU, bf16 and Triton checks have never run on a GPU; a few seconds)
+python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
 # The issue's side by side first (~3 minutes on an H100), then FlexAttention alone (why its kernels took 17 ms a
 # step; its variants stop starting after 2 minutes), then the lever that may reach 35% MFU (CUDA graphs over the
 # whole backbone: compiling it may take minutes, so it goes last of the three, with the call's remaining time),
