@@ -860,7 +860,8 @@ def format_summary(summary: dict) -> str:
     for finding in summary.get("diagnostics", []):
         rows.append(f"  DIAGNOSTIC {finding['name']}: {finding['evidence']}\n    try: {finding['suggestion']}")
     rows.append(f"  model: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained)")
-    rows.append(f"  curves: tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'}  |  metrics.jsonl")
+    rows.append(f"  curves: tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'} (its Custom Scalars tab: "
+                "train and eval on one chart)  |  metrics.jsonl  |  dpolab report")  # fmt: skip
     return "\n".join(rows)
 
 
