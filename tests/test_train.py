@@ -79,10 +79,21 @@ def test_the_run_is_described_before_its_first_step(tmp_path, tiny_config, capsy
                          gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="cosine")  # fmt: skip
     assert main(["train", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "Training: 3 steps x 4 pairs (2 per micro-batch x accumulation 2) = 1.00 epochs of 10 pairs; " in out
+    assert "Training on the CPU: 3 steps x 4 pairs (2 per micro-batch x accumulation 2) = 1.00 epochs of 10 " in out
     assert "learning_rate 0.001 (cosine), beta 0.1, loss_type sigmoid, max_length 64; no checkpoints" in out
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_a_real_model_trained_long_on_the_cpu_is_warned():
+    from dpolab.train import cpu_training_warning
+
+    text = cpu_training_warning("cpu", 494_032_768, 3900, "2.13.0+cpu")
+    assert text.startswith("this run trains 494M parameters for 3,900 steps on the CPU: expect days, not hours.")
+    assert "torch 2.13.0+cpu (a CPU-only build) sees no GPU" in text
+    assert cpu_training_warning("cuda", 494_032_768, 3900, "2.13.0+cu130") is None
+    assert cpu_training_warning("cpu", 134_515_008, 20, "2.13.0+cpu") is None  # the demo: 135M, 20 steps
+    assert cpu_training_warning("cpu", 2_000_000, 5000, "2.13.0+cpu") is None  # the tests' tiny models
 
 
 def test_tensorboard_custom_scalars_chart_what_the_run_logged(tmp_path, tiny_config):

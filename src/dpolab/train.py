@@ -55,6 +55,7 @@ def run(config: TrainConfig) -> dict:
     trainer = build_trainer_or_clean_up(config, run_dir, model_path, tokenizer, train_pairs, eval_pairs, process)
     if process.is_main_process:
         print(describe_training(trainer), flush=True)
+        warn_cpu_training(trainer)
         warn_disk_space(trainer, run_dir)
     started = time.time()
     train_output = train_guarded(trainer, run_dir, config, resume_from)
@@ -478,9 +479,41 @@ def describe_training(trainer) -> str:
     epochs = steps * per_step / pairs if args.max_steps > 0 else args.num_train_epochs
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # TrainingArguments: an enum
     return (
-        f"Training: {steps:,} steps x {per_step} pairs ({split}) = {epochs:.2f} epochs of {pairs:,} pairs; "
-        f"learning_rate {args.learning_rate:g} ({scheduler}), beta {args.beta:g}, loss_type "
+        f"Training on {device_name(args.device)}: {steps:,} steps x {per_step} pairs ({split}) = {epochs:.2f} epochs "
+        f"of {pairs:,} pairs; learning_rate {args.learning_rate:g} ({scheduler}), beta {args.beta:g}, loss_type "
         f"{'+'.join(args.loss_type)}, max_length {args.max_length}; {saves}"
+    )
+
+
+def device_name(device) -> str:
+    """'the CPU', or the GPU's own name."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "the CPU" if device.type == "cpu" else str(device)
+
+
+def warn_cpu_training(trainer) -> None:
+    """A real model for many steps on the CPU is nearly always a GPU torch cannot see: said before it starts."""
+    import torch
+
+    parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
+    steps = planned_steps(trainer.args, len(trainer.train_dataset))
+    text = cpu_training_warning(trainer.args.device.type, parameters, steps, torch.__version__)
+    if text:
+        print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+
+
+def cpu_training_warning(device_type: str, parameters: int, steps: int, torch_version: str) -> str | None:
+    """The warning for `parameters` trained `steps` steps on `device_type`, or None: from 100M parameters and 200
+    steps on the CPU (the demo's 135M model trains 20)."""
+    if device_type != "cpu" or parameters < 100e6 or steps < 200:
+        return None
+    build = " (a CPU-only build)" if "+cpu" in torch_version else ""
+    return (
+        f"this run trains {parameters / 1e6:.0f}M parameters for {steps:,} steps on the CPU: expect days, not hours. "
+        f"torch {torch_version}{build} sees no GPU; if this machine has one, `dpolab doctor` says why."
     )
 
 
