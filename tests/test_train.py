@@ -82,7 +82,20 @@ def test_the_run_is_described_before_its_first_step(tmp_path, tiny_config, capsy
     assert "Training on the CPU: 3 steps x 4 pairs (2 per micro-batch x accumulation 2) = 1.00 epochs of 10 " in out
     assert "learning_rate 0.001 (cosine), beta 0.1, loss_type sigmoid, max_length 64; no checkpoints" in out
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and "gpu_memory_gib" not in summary  # this machine has no GPU
+
+
+def test_the_summary_puts_a_gpu_runs_peak_memory_beside_the_plan():
+    from dpolab.train import format_summary
+
+    summary = {"run_dir": "runs/x", "final_model": "runs/x/final", "setup_s": 30.0, "steps": 12, "epochs": 0.1,
+               "runtime_s": 60.0, "pairs_per_s": 3.2, "final": {}, "final_eval": {}, "weights": None,
+               "gpu_memory_gib": {"peak_reserved": 21.37, "peak_allocated": 19.9, "planned": 23.62}}  # fmt: skip
+    assert "  GPU memory: peak 21.37 GiB reserved (19.90 allocated; fit_to_memory planned 23.62)" in format_summary(
+        summary
+    )
+    del summary["gpu_memory_gib"]  # a run on the CPU: no such line (checked on a real run below)
+    assert "GPU memory" not in format_summary(summary)
 
 
 def test_a_real_model_trained_long_on_the_cpu_is_warned():

@@ -64,7 +64,7 @@ def run(config: TrainConfig) -> dict:
     summary = {}
     if process.is_main_process:
         timing = {"setup_s": started - began, "runtime_s": time.time() - started}
-        summary = write_summary(trainer, run_dir, train_output, timing, train_pairs, eval_pairs)
+        summary = write_summary(trainer, run_dir, train_output, timing, train_pairs, eval_pairs, fitted)
         print(format_summary(summary), flush=True)
     process.wait_for_everyone()
     return summary
@@ -672,8 +672,11 @@ def save_final(trainer, run_dir: RunDir, tokenizer, config: TrainConfig, process
             tokenizer.save_pretrained(str(final_dir / "merged"))
 
 
-def write_summary(trainer, run_dir: RunDir, train_output, timing: dict, train_pairs, eval_pairs) -> dict:
-    """summary.json; `timing`: setup_s (data, model, reference pre-pass) and runtime_s (training, final eval, save)."""
+def write_summary(trainer, run_dir: RunDir, train_output, timing: dict, train_pairs, eval_pairs, fitted) -> dict:
+    """summary.json; `timing`: setup_s (data, model, reference pre-pass) and runtime_s (training, final eval, save);
+    on a GPU its peak memory beside what `fit_to_memory` planned (`fitted`), so every run checks the plan."""
+    import torch
+
     from dpolab.diagnostics import diagnose_run
 
     records = run_dir.read_metrics()
@@ -692,6 +695,12 @@ def write_summary(trainer, run_dir: RunDir, train_output, timing: dict, train_pa
         eval_pairs=len(eval_pairs.dataset) if eval_pairs else 0,
         answer_tokens=answer_tokens(trainer.train_dataset, trainer.args.max_length),
     )
+    if torch.cuda.is_available():
+        summary["gpu_memory_gib"] = {
+            "peak_reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "planned": (fitted or {}).get("planned_peak_gib"),
+        }
     findings = diagnose_run(records, run_dir.read_config(), summary)
     summary["diagnostics"] = [finding.as_dict() for finding in findings]
     write_json(run_dir.summary_file, summary)
@@ -890,6 +899,11 @@ def format_summary(summary: dict) -> str:
             f"  weights: {weights['weights/changed_share']:.1%} of sampled weights changed, relative change "
             f"{weights['weights/relative_change']:.2g}"
         )
+    memory = summary.get("gpu_memory_gib")
+    if memory:
+        planned = f"; fit_to_memory planned {memory['planned']:.2f}" if memory.get("planned") is not None else ""
+        rows.append(f"  GPU memory: peak {memory['peak_reserved']:.2f} GiB reserved ({memory['peak_allocated']:.2f} "
+                    f"allocated{planned})")  # fmt: skip
     for finding in summary.get("diagnostics", []):
         rows.append(f"  DIAGNOSTIC {finding['name']}: {finding['evidence']}\n    try: {finding['suggestion']}")
     rows.append(f"  model: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained)")
