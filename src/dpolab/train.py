@@ -119,13 +119,10 @@ def check_template(pairs, tokenizer, model_name: str) -> None:
             )
         return
     if tokenizer.chat_template is not None:
-        print(
-            "\n" + "!" * 100 + f"\nWARNING: {model_name} has a chat template, but the data are plain strings "
-            f"({pairs.format}).\nTRL trains on the raw text WITHOUT the template, so the model learns on prompts "
-            "unlike the ones it sees in chat.\nGive prompt/chosen/rejected as message lists [{role, content}] to have "
-            "the template applied.\n" + "!" * 100 + "\n",
-            file=sys.stderr,
-            flush=True,
+        print_warning(
+            f"{model_name} has a chat template, but the data are plain strings ({pairs.format}).\nTRL trains on the "
+            "raw text WITHOUT the template, so the model learns on prompts unlike the ones it sees in chat.\nGive "
+            "prompt/chosen/rejected as message lists [{role, content}] to have the template applied."
         )
 
 
@@ -454,8 +451,7 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
         return  # LoRA adapters are kept in float32 by peft; compensated optimizers keep the low bits
     lost = lost_updates(model.parameters(), training.learning_rate)
     if lost is not None and lost.share > 0.1:
-        text = lost_update_warning(lost, training.learning_rate, optim)
-        print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+        print_warning(lost_update_warning(lost, training.learning_rate, optim))
 
 
 def planned_steps(args, train_pairs: int) -> int:
@@ -502,7 +498,7 @@ def warn_cpu_training(trainer) -> None:
     steps = planned_steps(trainer.args, len(trainer.train_dataset))
     text = cpu_training_warning(trainer.args.device.type, parameters, steps, torch.__version__)
     if text:
-        print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+        print_warning(text)
 
 
 def cpu_training_warning(device_type: str, parameters: int, steps: int, torch_version: str) -> str | None:
@@ -529,13 +525,11 @@ def warn_disk_space(trainer, run_dir: RunDir) -> None:
     needed = disk_space_needed(saved, trainable, args, planned_steps(args, len(trainer.train_dataset)))
     free = shutil.disk_usage(run_dir.path).free
     if needed > free:
-        print(
-            f"\n{'!' * 100}\nWARNING: {free / 2**30:.1f} GiB free under {run_dir.path}, and this run's checkpoints "
-            f"and final/ need about {needed / 2**30:.1f} GiB (weights and optimizer states, save_total_limit "
-            f"{args.save_total_limit}). Free space, keep fewer checkpoints (--save_total_limit) or save less often "
-            f"(--save_steps), or set --runs_dir on a larger disk.\n{'!' * 100}\n",
-            file=sys.stderr,
-            flush=True,
+        print_warning(
+            f"{free / 2**30:.1f} GiB free under {run_dir.path}, and this run's checkpoints and final/ need about "
+            f"{needed / 2**30:.1f} GiB (weights and optimizer states, save_total_limit {args.save_total_limit}). Free "
+            "space, keep fewer checkpoints (--save_total_limit) or save less often (--save_steps), or set --runs_dir "
+            "on a larger disk."
         )
 
 
@@ -721,6 +715,11 @@ def answer_tokens(dataset, max_length: int | None) -> dict:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def print_warning(text: str) -> None:
+    """A warning the user must not miss, between two rules of '!' on stderr."""
+    print("\n" + "!" * 100 + f"\nWARNING: {text}\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
 
 
 def hide_warnings_users_cannot_act_on() -> None:
