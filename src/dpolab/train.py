@@ -54,9 +54,10 @@ def run(config: TrainConfig) -> dict:
 
     trainer = build_trainer_or_clean_up(config, run_dir, model_path, tokenizer, train_pairs, eval_pairs, process)
     if process.is_main_process:
-        print(describe_training(trainer), flush=True)
-        warn_cpu_training(trainer)
-        warn_disk_space(trainer, run_dir)
+        steps = planned_steps(trainer.args, len(trainer.train_dataset))
+        print(describe_training(trainer, steps), flush=True)
+        warn_cpu_training(trainer, steps)
+        warn_disk_space(trainer, run_dir, steps)
     started = time.time()
     train_output = train_guarded(trainer, run_dir, config, resume_from)
     evaluate_at_end(trainer, eval_pairs is not None, config)
@@ -454,19 +455,23 @@ def warn_lost_updates(model, config: TrainConfig) -> None:
         print_warning(lost_update_warning(lost, training.learning_rate, optim))
 
 
+def pairs_per_step(args) -> int:
+    """The global batch: micro-batch x accumulation x processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+
+
 def planned_steps(args, train_pairs: int) -> int:
     """The optimizer steps the Trainer will take: max_steps, else whole epochs of global batches (the last one
     short, as the Trainer's dataloader keeps it)."""
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-    return args.max_steps if args.max_steps > 0 else -(-train_pairs // per_step) * math.ceil(args.num_train_epochs)
+    epoch_steps = -(-train_pairs // pairs_per_step(args))
+    return args.max_steps if args.max_steps > 0 else epoch_steps * math.ceil(args.num_train_epochs)
 
 
-def describe_training(trainer) -> str:
-    """The run in one line, before its first step: steps, pairs per step and how they split, the share of the
-    data, and the settings that shape the curves."""
+def describe_training(trainer, steps: int) -> str:
+    """The run in one line, before its first step (`steps`: `planned_steps`): pairs per step and how they split,
+    the share of the data, and the settings that shape the curves."""
     args, pairs = trainer.args, len(trainer.train_dataset)
-    steps, processes = planned_steps(args, pairs), max(args.world_size, 1)
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    processes, per_step = max(args.world_size, 1), pairs_per_step(args)
     split = f"{args.per_device_train_batch_size} per micro-batch x accumulation {args.gradient_accumulation_steps}"
     split += f" x {processes} processes" if processes > 1 else ""
     saves = {"steps": f"a checkpoint every {args.save_steps:g} steps", "epoch": "a checkpoint every epoch",
@@ -490,12 +495,11 @@ def device_name(device) -> str:
     return "the CPU" if device.type == "cpu" else str(device)
 
 
-def warn_cpu_training(trainer) -> None:
+def warn_cpu_training(trainer, steps: int) -> None:
     """A real model for many steps on the CPU is nearly always a GPU torch cannot see: said before it starts."""
     import torch
 
     parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
-    steps = planned_steps(trainer.args, len(trainer.train_dataset))
     text = cpu_training_warning(trainer.args.device.type, parameters, steps, torch.__version__)
     if text:
         print_warning(text)
@@ -513,7 +517,7 @@ def cpu_training_warning(device_type: str, parameters: int, steps: int, torch_ve
     )
 
 
-def warn_disk_space(trainer, run_dir: RunDir) -> None:
+def warn_disk_space(trainer, run_dir: RunDir, steps: int) -> None:
     """A run whose checkpoints will not fit the disk under its run directory is told so before its first step."""
     args = trainer.args
     weights = trainable = 0
@@ -522,7 +526,7 @@ def warn_disk_space(trainer, run_dir: RunDir) -> None:
         weights += size
         trainable += size if parameter.requires_grad else 0
     saved = trainable if hasattr(trainer.model, "peft_config") else weights  # LoRA saves the adapter alone
-    needed = disk_space_needed(saved, trainable, args, planned_steps(args, len(trainer.train_dataset)))
+    needed = disk_space_needed(saved, trainable, args, steps)
     free = shutil.disk_usage(run_dir.path).free
     if needed > free:
         print_warning(
