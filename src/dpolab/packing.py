@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy
 import torch
 
-from dpolab.errors import DpolabError
+from dpolab.errors import out_of_memory_error
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
 ANSWER_KEYS = ("packed_answer_index", "packed_answer_labels", "packed_answer_slot")  # read by `answer_head_forward`
@@ -584,12 +584,10 @@ def reference_trainer_class():
                     per_batch.append((chosen.float(), rejected.float(),
                                       *batch["completion_mask"][:, 1:].sum(1).chunk(2)))  # fmt: skip
             except torch.OutOfMemoryError:
-                setting = (f"--precompute_ref_batch_size {batch_size // 2}" if batch_size > 1
-                           else "--precompute_ref_log_probs false (the reference in each step)")  # fmt: skip
-                raise DpolabError(
-                    f"CUDA ran out of memory in the reference pre-pass ({name} data, {batch_size} pairs per batch), "
-                    f"before training started: run the same command with {setting}."
-                ) from None
+                doing = (f"in the reference pre-pass ({name} data, {batch_size} pairs per batch), "
+                         "before training started")  # fmt: skip
+                at_one = "run the same command with --precompute_ref_log_probs false (the reference in each step)"
+                raise out_of_memory_error(doing, batch_size, at_one, "--precompute_ref_batch_size") from None
             read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 4  # one transfer each
             result = dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), read))
             result["chosen_unweighted"] = result["chosen"]  # cached only without ld_alpha: the plain sums
