@@ -25,6 +25,11 @@ class Finding:
         return {"name": self.name, "evidence": self.evidence, "suggestion": self.suggestion}
 
 
+def finding_text(finding: dict) -> str:
+    """A finding (`Finding.as_dict()`, as summary.json keeps it) for a terminal: two lines."""
+    return f"DIAGNOSTIC {finding['name']}: {finding['evidence']}\n  try: {finding['suggestion']}"
+
+
 def series_from_records(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """metrics.jsonl records -> {metric: [(step, value), ...]} (numbers only; NaN/inf kept)."""
     series: dict[str, list[tuple[int, float]]] = {}

@@ -29,15 +29,16 @@ class ReportConfig:
 
 
 def run(config: ReportConfig) -> Path:
-    from dpolab.diagnostics import diagnose_run
+    from dpolab.diagnostics import diagnose_run, finding_text
 
     files = read_run_files(RunDir(Path(config.run_dir)))
     images = plot_curves(files)
     findings = diagnose_run(files.records, files.config, files.summary, files.generation_stats, files.final_eval)
     path = files.run.file(REPORT_HTML)
-    write_atomic(path, render(files, images, [f.as_dict() for f in findings]))
-    for finding in findings:  # the page's first section, in the terminal too
-        print(f"DIAGNOSTIC {finding.name}: {finding.evidence}\n  try: {finding.suggestion}")
+    found = [finding.as_dict() for finding in findings]
+    write_atomic(path, render(files, images, found))
+    for finding in found:  # the page's first section, in the terminal too
+        print(finding_text(finding))
     print(f"{len(findings)} diagnostic finding(s); report: {path}")
     return path
 

@@ -885,6 +885,10 @@ def summarize(
 
 
 def format_summary(summary: dict) -> str:
+    import textwrap
+
+    from dpolab.diagnostics import finding_text
+
     rows = [
         f"Run finished: {summary['run_dir']}",
         f"  set-up {summary['setup_s']:.0f} s (data, model, reference pre-pass); {summary['steps']} steps, "
@@ -908,7 +912,7 @@ def format_summary(summary: dict) -> str:
         rows.append(f"  GPU memory: peak {memory['peak_reserved']:.2f} GiB reserved ({memory['peak_allocated']:.2f} "
                     f"allocated{planned})")  # fmt: skip
     for finding in summary.get("diagnostics", []):
-        rows.append(f"  DIAGNOSTIC {finding['name']}: {finding['evidence']}\n    try: {finding['suggestion']}")
+        rows.append(textwrap.indent(finding_text(finding), "  "))
     rows.append(f"  model: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained)")
     rows.append(f"  curves: tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'} (its Custom Scalars tab: "
                 "train and eval on one chart)  |  metrics.jsonl  |  dpolab report")  # fmt: skip
