@@ -76,7 +76,7 @@ def test_compare_tells_a_value_not_recorded_from_a_run_not_finished(tmp_path):
     assert rows["runtime (s)"] == [60.0, 60.0, "not run"]
     from dpolab.compare import console_table
 
-    assert re.search(r"^set-up \(s\) +12\.5 +not recorded +not run$", console_table(files), re.M)
+    assert re.search(r"^set-up \(s\) +12\.5 +not recorded +not run$", console_table(files, []), re.M)
 
 
 def test_compare_errors(tmp_path, capsys):

@@ -52,7 +52,7 @@ def run(config: CompareConfig) -> Path:
     path = output / COMPARE_HTML
     write_atomic(path, render(runs, images, sweep_image, judge_image))
     differing = differing_settings(runs)
-    print(console_table(runs))
+    print(console_table(runs, differing))
     print(f"compared {len(runs)} runs; settings that differ: {', '.join(differing) or 'none'}; page: {path}")
     return path
 
@@ -124,14 +124,15 @@ def metric_rows(runs: dict[str, RunFiles]) -> list[list]:
     return rows
 
 
-def console_table(runs: dict[str, RunFiles]) -> str:
-    """The settings that differ and every metric some run has, one column per run, for a terminal."""
+def console_table(runs: dict[str, RunFiles], differing: list[str]) -> str:
+    """The settings that differ (`differing_settings`) and every metric some run has, one column per run, for a
+    terminal."""
+    from dpolab.render import text_table
+
     configs = [settings_of(files) for files in runs.values()]
-    rows = [[key, *(config.get(key, NOT_RUN) for config in configs)] for key in differing_settings(runs)]
+    rows = [[key, *(config.get(key, NOT_RUN) for config in configs)] for key in differing]
     rows += [row for row in metric_rows(runs) if any(value not in (NOT_RUN, None) for value in row[1:])]
-    cells = [[row[0], *map(console_value, row[1:])] for row in [["", *runs], *rows]]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+    return text_table([[row[0], *map(console_value, row[1:])] for row in [["", *runs], *rows]])
 
 
 def console_value(value) -> str:

@@ -75,6 +75,12 @@ def fmt(value) -> str:
     return html.escape(str(value))
 
 
+def text_table(rows: list[list[str]], align: str = "<") -> str:
+    """Rows of cells as text columns two spaces apart, each as wide as its widest cell (`align`: '<' or '>')."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(f"{cell:{align}{width}}" for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
 def table(header: list[str], rows: list[list], row_classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     classes = row_classes or [""] * len(rows)

@@ -65,17 +65,14 @@ def sweep_points(run: RunDir) -> list[tuple[str, int, str]]:
 
 
 def write_sweep(rows: list[dict], run: RunDir) -> None:
-    from dpolab.render import plot_sweep
+    from dpolab.render import plot_sweep, text_table
 
     with open(run.file(SWEEP_CSV), "w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     plot_sweep({run.name: rows}, run.file(SWEEP_PNG))
-    cells = [list(COLUMNS), *([_cell(row[column]) for column in COLUMNS] for row in rows)]
-    widths = [max(len(line[index]) for line in cells) for index in range(len(COLUMNS))]
-    for line in cells:  # whole metric names, right-aligned columns
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    print(text_table([list(COLUMNS), *([_cell(row[column]) for column in COLUMNS] for row in rows)], align=">"))
     print(f"written: {run.file(SWEEP_CSV)}, {run.file(SWEEP_PNG)}")
 
 
