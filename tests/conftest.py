@@ -176,3 +176,13 @@ def tiny_config(tmp_path, tiny_model_dir):
 def isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own dpolab cache (converted models, reference log-probs)."""
     monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "dpolab-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def transformers_logs_to_the_session_stderr():
+    """transformers binds its log handler to the sys.stderr of its first log call; made inside a test that captures
+    stderr (capsys), that stream is closed for every later test, whose warnings then print "--- Logging error ---"
+    tracebacks into what the next capsys test reads. Bound here, before any test, to the session's stream."""
+    from transformers.utils import logging
+
+    logging.get_verbosity()  # sets up the handler

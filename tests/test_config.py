@@ -96,7 +96,7 @@ def test_missing_model_and_data_and_eval_without_data(tmp_path):
     message = parse_error(["--config", write(tmp_path, {"eval_strategy": "steps"})])
     assert "dataset_name is not set" in message
     assert "model_name_or_path is not set" in message
-    assert "eval_strategy is set but there is no eval data" in message
+    assert "there is no eval data: name a split of the dataset (`--eval_split test`)" in message
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

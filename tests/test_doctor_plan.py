@@ -8,7 +8,16 @@ import pytest
 from conftest import rows_in_format, write_jsonl
 
 from dpolab import plan
-from dpolab.doctor import ERROR, OK, WARN, compile_check, python_check, requirement_conflicts, version_checks
+from dpolab.doctor import (
+    ERROR,
+    OK,
+    WARN,
+    compile_check,
+    fast_path_check,
+    python_check,
+    requirement_conflicts,
+    version_checks,
+)
 from dpolab.plan import (
     KNOWN_CONFIGS,
     ModelShape,
@@ -42,6 +51,13 @@ def test_doctor_says_whether_torch_compile_can_work_here():
     assert compile_check(False, has_triton=False, cxx="/usr/bin/g++").status == OK
     no_compiler = compile_check(False, has_triton=True, cxx=None)
     assert no_compiler.status == WARN and "no C++ compiler" in no_compiler.detail and "g++" in no_compiler.fix
+
+
+def test_doctor_says_which_attention_the_fast_path_takes_on_this_gpu():
+    h100, a100, t4 = fast_path_check((9, 0)), fast_path_check((8, 0)), fast_path_check((7, 5))
+    assert h100.status == a100.status == OK and "FlexAttention and compiled decoder layers" in a100.detail
+    assert t4.status == WARN and t4.detail.startswith("this GPU's compute capability 7.5 is below 8.0")
+    assert t4.detail.endswith("SDPA with a dense mask, uncompiled (slower; the same numbers)")
 
 
 def test_doctor_flags_missing_and_mismatched_versions_with_the_fix():
@@ -119,6 +135,16 @@ def test_memory_components_by_hand():
     assert master["activations (all layers kept, 40 tokens)"] == 40 * 2 * 400
     lora = estimate(tiny, RunShape(3, 10, 1, False, 2, peft=True, lora_r=4, precompute_ref=True))
     assert lora["reference model"] == 0 and lora["gradients"] == 2 * 4 * (16 + 12) * 4
+    # the fast path under SDPA: one 40 x 40 additive mask for every layer, in autocast's bf16 or the weights' dtype
+    dense = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, tokens=40, dense_mask=True))
+    assert dense["attention mask (SDPA: tokens x tokens, one for all layers)"] == 40 * 40 * 2
+    assert (
+        estimate(tiny, RunShape(3, 10, 1, False, 4, tokens=40, dense_mask=True))[
+            "attention mask (SDPA: tokens x tokens, one for all layers)"
+        ]
+        == 40 * 40 * 4
+    )
+    assert set(dense) - set(master) == {"attention mask (SDPA: tokens x tokens, one for all layers)"}
     assert reserved(1000) == 1100 + plan.CUDA_CONTEXT_BYTES
 
 
@@ -157,7 +183,10 @@ def test_plan_command_for_the_full_preset(capsys):
     assert main(["plan", "--preset", "full", "--torch_compile_mode", "reduce-overhead"]) == 0
     assert "not counted: the memory pool of the CUDA graphs" in capsys.readouterr().out  # not measured yet
     assert main(["plan", "--preset", "full", "--torch_compile", "false"]) == 0
-    assert "compiled layers off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compiled layers off" in out and "attention mask" not in out  # FlexAttention: no dense mask
+    assert main(["plan", "--preset", "full", "--attn_implementation", "sdpa", "--torch_compile", "false"]) == 0
+    assert "attention mask (SDPA: tokens x tokens, one for all layers)" in capsys.readouterr().out
     assert main(["plan", "--preset", "lora"]) == 0
     assert "compiled layers off" in capsys.readouterr().out  # not measured with LoRA: train leaves it off
     assert main(["plan", "--preset", "full", "--gpu_memory_gib", "80"]) == 0
@@ -169,21 +198,26 @@ def test_plan_command_for_the_full_preset(capsys):
 def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
     """fit_to_memory on a pretend card with 3 MiB beyond the CUDA context: the tiny model's 8 pairs (~4.3 MiB
     planned, their packed row rounded up to 448 tokens) do not fit in one micro-batch, so it splits them, keeping 8
-    pairs per optimizer step."""
+    pairs per optimizer step. On a GPU older than compute capability 8.0 the fast path's SDPA mask is planned too."""
     import torch
 
     from dpolab.config import parse_train_args
     from dpolab.models import load_tokenizer
     from dpolab.train import check_tokens, fit_to_memory, load_train_eval
 
+    real_fit = plan.fit
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 16))
     budget = (plan.CUDA_CONTEXT_BYTES + 3 * 2**20) / 2**30
     config = parse_train_args(["--config", str(tiny_config(data)), "--per_device_train_batch_size", "8",
                                "--gpu_memory_gib", str(budget)])  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    planned = []
+    monkeypatch.setattr(plan, "fit", lambda model, shape, *args: planned.append(shape) or real_fit(model, shape, *args))
     lengths = check_tokens(config, load_tokenizer(str(tiny_model_dir)), load_train_eval(config)[0])
     chosen = fit_to_memory(config, str(tiny_model_dir), lengths)
+    assert planned[-1].dense_mask is False  # FlexAttention on this pretend H100
     assert chosen["per_device_train_batch_size"] * chosen["gradient_accumulation_steps"] == 8
     assert 1 < chosen["per_device_train_batch_size"] < 8 and not chosen["activation_checkpointing"]
     assert config.training.per_device_train_batch_size == chosen["per_device_train_batch_size"]
@@ -193,6 +227,9 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     config.script.gpu_memory_gib = 80  # rows rounded to 512 tokens: more than the pretend card above
     fit_to_memory(config, str(tiny_model_dir), lengths)
     assert "; the CUDA graphs memory pool not counted)" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (7, 5))  # a T4: SDPA's dense mask
+    fit_to_memory(config, str(tiny_model_dir), lengths)
+    assert planned[-1].dense_mask is True
 
 
 def out_of_memory(*args, **kwargs):

@@ -533,6 +533,42 @@ def packed_inputs(seed: int, pairs: int = 4) -> dict:
     return {"input_ids": batch["input_ids"], **{key: batch[key] for key in packing.PACKED_KEYS}}
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_sdpa_layers_share_one_mask_and_compute_what_the_boolean_mask_gives(tiny_model_dir, autocast):
+    """SDPA turns a boolean mask into an additive one in every layer, and each layer keeps its copy for the backward
+    (T x T each: 24 x 80 MB at the bench's rows); the fast path hands every layer one additive mask, in the dtype SDPA
+    computes in, kept once, and the hidden states and gradients are the boolean mask's exactly."""
+    from transformers import AutoModelForCausalLM
+
+    inputs = {key: value for key, value in packed_inputs(0).items() if key in packing.PACKED_KEYS[:4]}
+    length = inputs["packed_input_ids"].shape[1]
+    boolean_mask = packing.dense_mask(inputs["packed_pair"][0], inputs["packed_segment"][0])
+    as_before = {"input_ids": inputs["packed_input_ids"], "position_ids": inputs["packed_position_ids"],
+                 "attention_mask": boolean_mask}  # fmt: skip
+
+    def forward_backward(model_inputs):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        packing.install(model)
+        kept = set()
+
+        def keep(tensor):
+            if tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (length, length):
+                kept.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                hidden = model.model(**model_inputs, use_cache=False).last_hidden_state
+        hidden.float().square().mean().backward()
+        return hidden, model.model.layers[0].self_attn.q_proj.weight.grad, len(kept)
+
+    results = [forward_backward(inputs), forward_backward(as_before)]
+    (hidden, gradient, masks_kept), (hidden_boolean, gradient_boolean, boolean_masks_kept) = results
+    assert hidden.shape[1] == length and torch.equal(hidden, hidden_boolean)
+    assert torch.equal(gradient, gradient_boolean)
+    assert (masks_kept, boolean_masks_kept) == (1, 2)  # one for both layers; the boolean mask: one per layer
+
+
 def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir):
     """Regional compilation with dynamic shapes: one graph for all layers, no new compile when rows change length
     (aot_eager: dynamo's tracing and guards without a C++ compiler, so the values are eager's exactly)."""
@@ -620,7 +656,9 @@ def test_torch_compile_on_the_fast_path_logs_the_eager_losses(tmp_path, tiny_con
 
 def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path, tiny_config, monkeypatch, capsys):
     """train.choose_torch_compile on a pretend CUDA machine: on by default for the fast path's full fine-tuning;
-    a given torch_compile, LoRA, another attention and a missing Triton keep it off, saying why; the CPU: off."""
+    a given torch_compile, LoRA, another attention, a missing Triton and a GPU older than the A100 (compute
+    capability 8.0) keep it off, saying why; the CPU: off. FlexAttention (train.attention_implementation) is the fast
+    path's default on GPUs of 8.0 or more; older ones get SDPA (None: transformers' default) unless it is asked for."""
     import importlib.util
 
     from dpolab import train
@@ -629,29 +667,40 @@ def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 8))
     config = str(tiny_config(data))
 
-    def chosen(*flags, cuda=True, triton=True):
+    def chosen(*flags, cuda=True, triton=True, capability=(9, 0)):
         settings = parse_train_args(["--config", config, *flags])
         real_find_spec = importlib.util.find_spec
         fake = lambda name, *a: (object() if triton else None) if name == "triton" else real_find_spec(name, *a)  # noqa: E731
         with monkeypatch.context() as patched:  # only around the choice: the fixtures' patches stay
             patched.setattr(torch.cuda, "is_available", lambda: cuda)
+            patched.setattr(torch.cuda, "get_device_capability", lambda *device: capability)
             patched.setattr(importlib.util, "find_spec", fake)
             train.choose_torch_compile(settings)
-        return settings.training.torch_compile, capsys.readouterr().out
+            attention = train.attention_implementation(settings)
+        return settings.training.torch_compile, capsys.readouterr().out, attention
 
-    assert chosen() == (True, "torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).\n")
-    assert chosen("--torch_compile", "false") == (False, "")  # the user's word stands, silently
-    assert chosen(cuda=False) == (False, "")  # CPU: compiling costs minutes for a few percent
+    on = "torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).\n"
+    assert chosen() == (True, on, "flex_attention")
+    assert chosen(capability=(8, 0)) == (True, on, "flex_attention")  # an A100; 8.6, 8.9: RTX 3090, 4090
+    assert chosen("--torch_compile", "false") == (False, "", "flex_attention")  # the user's word stands, silently
+    assert chosen(cuda=False) == (False, "", None)  # CPU: compiling costs minutes for a few percent
     assert chosen("--use_peft", "true") == (
         False,
         "torch_compile: off (not measured with LoRA or quantized weights).\n",
+        "flex_attention",
     )
     assert chosen("--attn_implementation", "sdpa") == (
         False,
         "torch_compile: off (measured with flex_attention, not sdpa).\n",
+        "sdpa",
     )
-    assert chosen("--fast_path", "false") == (False, "torch_compile: off (fast_path is off).\n")
-    assert chosen(triton=False) == (False, "torch_compile: off (Triton is not installed).\n")
+    assert chosen("--fast_path", "false") == (False, "torch_compile: off (fast_path is off).\n", None)
+    assert chosen(triton=False) == (False, "torch_compile: off (Triton is not installed).\n", "flex_attention")
+    older = ("torch_compile: off (this GPU's compute capability 7.5 is below 8.0, where FlexAttention and compiled "
+             "layers were measured")  # fmt: skip
+    assert chosen(capability=(7, 5)) == (False, older + ": the fast path takes SDPA with a dense mask).\n", None)  # T4
+    flex = chosen("--attn_implementation", "flex_attention", capability=(7, 0))  # a V100, FlexAttention as asked
+    assert flex == (False, older.replace("7.5", "7.0") + ").\n", "flex_attention")
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])

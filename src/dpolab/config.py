@@ -328,7 +328,10 @@ def validate(script: ScriptArguments, training, model, require_data: bool = True
     if script.eval_split and script.eval_holdout:
         problems.append("eval_split and eval_holdout are both set: evaluate on a split or on a held-out fraction.")
     if require_data and training.eval_strategy != "no" and not (script.eval_split or script.eval_holdout):
-        problems.append("eval_strategy is set but there is no eval data: set `eval_split` or `eval_holdout`.")
+        problems.append(
+            f"eval_strategy is '{training.eval_strategy}' but there is no eval data: name a split of the dataset "
+            "(`--eval_split test`) or hold out a fraction of the training split (`--eval_holdout 0.05`)."
+        )
     if script.merge_lora and not model.use_peft:
         problems.append("merge_lora merges a LoRA adapter: it needs use_peft true.")
     if training.run_name and not re.fullmatch(r"[\w.+-]+", training.run_name):

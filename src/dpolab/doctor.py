@@ -129,7 +129,19 @@ def torch_checks() -> list[Check]:
     bf16 = torch.cuda.is_bf16_supported()
     checks.append(Check("bf16", OK if bf16 else WARN, "supported" if bf16 else "not supported: use fp16 or fp32",
                         "" if bf16 else "set bf16: false (and fp16: true) in the config"))  # fmt: skip
+    checks.append(fast_path_check(torch.cuda.get_device_capability(0)))
     return checks
+
+
+def fast_path_check(capability: tuple[int, int]) -> Check:
+    """The attention and compilation `dpolab train`'s fast path takes on a GPU of this compute capability."""
+    from dpolab.train import older_gpu_reason
+
+    reason = older_gpu_reason(capability)
+    if reason is None:
+        return Check("fast path", OK, f"compute capability {capability[0]}.{capability[1]}: FlexAttention and "
+                     "compiled decoder layers, as measured on an H100")  # fmt: skip
+    return Check("fast path", WARN, f"{reason}: SDPA with a dense mask, uncompiled (slower; the same numbers)")
 
 
 # What the reference job writes to disk: Qwen2-0.5B-Instruct (~1 GB) and ultrafeedback_binarized (~0.2 GB) in the

@@ -220,14 +220,26 @@ def block_mask(pair: torch.Tensor, segment: torch.Tensor, block: int = 128):
     )
 
 
-def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype):
-    """The mask a packed row needs under the model's attention implementation."""
+def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tensor, backbone):
+    """The mask a packed row needs under the backbone's attention implementation."""
     if implementation == "flex_attention":
         return block_mask(pair, segment)
     mask = dense_mask(pair, segment)
-    if implementation == "eager":  # eager attention adds its mask to the scores
+    if implementation == "eager":  # added to the scores, in the hidden states' dtype as transformers' eager mask is
+        dtype = backbone.dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
+    # SDPA turns a boolean mask into an additive one of the queries' dtype (-inf where masked) in every call, and each
+    # layer keeps its copy for the backward: a T x T tensor per layer (24 x 80 MB in bf16 at the bench's 6,272-token
+    # rows). Made once here, the same tensor serves every layer and is kept once; the same values, so the same output.
+    dtype = attention_dtype(backbone, pair.device.type)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def attention_dtype(backbone, device_type: str) -> torch.dtype:
+    """The dtype the backbone's attention gets its queries in: autocast's, else its hidden states' (the embeddings')."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return backbone.get_input_embeddings().weight.dtype
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def packed_backbone_forward(original_forward, attention_implementation: str):
         # TRL's padded layout is not computed; the answer positions are for dpolab's LM head, when TRL's runs
         for unused in ("input_ids", "attention_mask", "position_ids", *ANSWER_KEYS):
             kwargs.pop(unused, None)
-        mask = attention_mask(attention_implementation, packed_pair[0], packed_segment[0], self.dtype)
+        mask = attention_mask(attention_implementation, packed_pair[0], packed_segment[0], self)
         outputs = original_forward(
             self, input_ids=packed_input_ids, position_ids=packed_position_ids, attention_mask=mask, **kwargs
         )

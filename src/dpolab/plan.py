@@ -5,15 +5,15 @@ micro-batch holds. TRL's padded batches hold 2 x batch x (longest sequence) toke
 hold the pairs' real tokens with each prompt once. `dpolab plan` plans for the worst case (every sequence
 max_length long); `dpolab train` (fit_to_memory) plans for the tokens its own data puts in a micro-batch.
 
-What the estimate counts at the peak (the start of the backward pass, when every activation is still alive):
-the weights, their bf16 copies under autocast, AdamW's two states, the gradients (all of them when gradient
-accumulation keeps them between micro-batches, else the LM head's, allocated first), the reference model
-when it is kept, the activations autograd saves, and TRL's chunked LM head (one fp32 logits tile and an
-fp32 gradient accumulator for the head: the full logits never exist). Reserved memory adds the CUDA
+What the estimate counts at the peak (the start of the backward pass, when every activation is still alive): the
+weights, their bf16 copies under autocast, AdamW's two states, the gradients (all of them when gradient accumulation
+keeps them between micro-batches, else the LM head's, allocated first), the reference model when it is kept, the
+activations autograd saves, TRL's chunked LM head (one fp32 logits tile and an fp32 gradient accumulator for the
+head: the full logits never exist), and under SDPA the packed row's dense mask. Reserved memory adds the CUDA
 allocator's slack and the CUDA context. Against an H100's measurements (bench/RESULTS.md): peak allocated within
-0.04 GiB for TRL's default and the fast path, eager and compiled, where the run's largest micro-batch is known;
-peak reserved +0% to +15% for those and the smoke and full presets (which plan for the 99.9th-percentile
-micro-batch, more than a short run meets).
+0.04 GiB for TRL's default and the fast path, eager and compiled, where the run's largest micro-batch is known; peak
+reserved +0% to +15% for those and the smoke and full presets (which plan for the 99.9th-percentile micro-batch,
+more than a short run meets).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class RunShape:
     autocast: bool = False  # bf16/fp16 autocast over the weights (matters when they are float32)
     compiled: bool = False  # decoder layers compiled by inductor (`torch_compile`): fewer activations kept
     tokens: int | None = None  # tokens in one micro-batch (None: the worst case, 2 x batch x max_length)
+    dense_mask: bool = False  # the fast path's packed row under SDPA: one tokens x tokens mask, kept for the backward
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -161,7 +162,7 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         gradients = "gradients (at the peak: the LM head's, in its line below)"
     else:
         gradients = "gradients (at the peak: the LM head's bf16 copy)"
-    return {
+    components = {
         "weights (policy)": model.params * run.weight_bytes,
         "bf16 weight copies (autocast)": copies if run.autocast and run.weight_bytes == 4 else 0,
         gradients: trainable * trainable_bytes if kept else head_gradient,
@@ -171,6 +172,10 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         f"{', compiled layers' if run.compiled else ''})": activations,
         "LM head: fp32 logits tile + head gradient": head_tile + model.vocab * model.hidden * 4,
     }
+    if run.dense_mask:  # in the dtype SDPA computes in (packing.attention_mask)
+        mask_bytes = 2 if run.autocast else run.weight_bytes
+        components["attention mask (SDPA: tokens x tokens, one for all layers)"] = tokens * tokens * mask_bytes
+    return components
 
 
 def reserved(allocated: int) -> int:
@@ -262,6 +267,8 @@ def run_shape(train) -> RunShape:
         weight_bytes=DTYPE_BYTES[model.dtype or "float32"], peft=bool(model.use_peft), lora_r=model.lora_r,
         precompute_ref=bool(training.precompute_ref_log_probs), autocast=bool(training.bf16 or training.fp16),
         compiled=bool(training.torch_compile),
+        dense_mask=train.script.fast_path and training.truncation_mode == "keep_start"
+        and model.attn_implementation == "sdpa",
     )  # fmt: skip
 
 

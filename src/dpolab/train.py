@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -199,6 +200,10 @@ def choose_torch_compile(config: TrainConfig) -> None:
     if "torch_compile" in config.given or not torch.cuda.is_available():
         return
     reason = compile_off_reason(config)
+    if reason is None:
+        reason = older_gpu_reason(torch.cuda.get_device_capability())
+        if reason and config.model.attn_implementation is None:
+            reason += ": the fast path takes SDPA with a dense mask"
     if reason is None and importlib.util.find_spec("triton") is None:
         reason = "Triton is not installed"
     if reason is not None:
@@ -227,9 +232,9 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     packed = script.fast_path and training.truncation_mode == "keep_start"
     multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of)
     model = plan.model_shape(model_path)
-    chosen = plan.fit(
-        model, plan.run_shape(config), budget, lambda b: plan.batch_token_peak(scored, b, packed, multiple)
-    )
+    # the fast path takes SDPA (transformers' default, None) where it does not take FlexAttention: a dense mask
+    shape = replace(plan.run_shape(config), dense_mask=packed and attention_implementation(config) in (None, "sdpa"))
+    chosen = plan.fit(model, shape, budget, lambda b: plan.batch_token_peak(scored, b, packed, multiple))
     if chosen is None:
         raise DpolabError(
             f"No micro-batch fits {budget / plan.GIB:.1f} GiB even with activation checkpointing (`dpolab plan` "
@@ -573,14 +578,34 @@ def load_policy(config: TrainConfig, model_path: str):
 
 
 def attention_implementation(config: TrainConfig) -> str | None:
-    """The attention the policy loads with: as set, else FlexAttention for the fast path on a CUDA GPU (it skips
-    the masked blocks of a packed row, bench/RESULTS.md), else transformers' default (None)."""
+    """The attention the policy loads with: as set, else FlexAttention for the fast path on a CUDA GPU of compute
+    capability 8.0 or more (it skips the masked blocks of a packed row, bench/RESULTS.md), else transformers'
+    default (None: SDPA, which takes the packed row's dense mask)."""
     import torch
 
     attention = config.model.attn_implementation
     if attention is None and config.script.fast_path and torch.cuda.is_available():
-        return "flex_attention"
+        return "flex_attention" if older_gpu_reason(torch.cuda.get_device_capability()) is None else None
     return attention
+
+
+# FlexAttention and compiled layers were measured on an H100 (compute capability 9.0). Cards below 8.0 (T4, V100)
+# have no bf16, so their attention runs in float32, for which PyTorch's FlexAttention kernels take their smallest
+# backward tiles (16 x 16, torch/_inductor/template_heuristics/triton.py), and FlexAttention has failed on T4s in
+# other trainers (unsloth PRs #4302, #8137). There the fast path takes SDPA with a dense mask, uncompiled.
+FLEX_ATTENTION_MIN_CAPABILITY = (8, 0)
+
+
+def older_gpu_reason(capability: tuple[int, int]) -> str | None:
+    """Why a CUDA GPU of this compute capability gets neither FlexAttention nor compiled layers by default (None:
+    it gets both)."""
+    if tuple(capability) >= FLEX_ATTENTION_MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    return (
+        f"this GPU's compute capability {major}.{minor} is below 8.0, where FlexAttention and compiled layers "
+        "were measured"
+    )
 
 
 def check_dropped(name: str, given: int, kept: int, max_length: int | None) -> None:
