@@ -597,11 +597,14 @@ def run_cli_row(args, world, result) -> dict:
     argv = ["--preset", preset, "--model_name_or_path", world["model"], "--dataset_name", world["data"], "--runs_dir",
             str(Path(args.work) / "runs"), "--run_name", args.row, "--train_sampling_strategy", "sequential",
             "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
-    # full: 12 steps of it, with the reference pre-pass that a whole epoch has (it sees every pair; 12 steps alone
-    # would compute the reference in each step, train.choose_reference_pass), so fit_to_memory chooses for 24 GiB
-    # what a user's run of the preset gets (16 x 1 planned at 23.62 GiB on this data, bench/plan_vs_h100.py)
+    # full: 12 steps of it with the settings a user's whole epoch gets on a 24 GiB card: the reference pre-pass
+    # (12 steps alone would compute the reference in each step, train.choose_reference_pass) and the micro-batch
+    # fit_to_memory chooses for an epoch of 62,135 pairs of this data, 8 x 2 (planned 20.36 GiB for its largest
+    # micro-batch, 8,640 tokens: bench/plan_vs_h100.py; for 12 steps alone it would choose 16 x 1)
     argv += (["--max_steps", str(args.steps)] if preset == "smoke"
-             else ["--max_steps", "12", "--gpu_memory_gib", "24", "--precompute_ref_log_probs", "true"])  # fmt: skip
+             else ["--max_steps", "12", "--gpu_memory_gib", "24", "--precompute_ref_log_probs", "true",
+                   "--fit_to_memory", "false", "--per_device_train_batch_size", "8",
+                   "--gradient_accumulation_steps", "2"])  # fmt: skip
     argv += ["--torch_compile", "false"] if variant == "eager" else []
     started = time.perf_counter()
     summary = train.run(parse_train_args(argv))
@@ -700,14 +703,19 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
     model = plan.model_shape(row["model"])
     fields, batch = ROW_FIELDS.get(row["row"], {}), row_batch(row["row"])
     compiled = fields.get("torch_compile", False) or row["row"] == WHOLE_BACKBONE_ROW  # compiled in run_row
-    if row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
+    accumulation = 1
+    if row["row"] == "cli-full":  # its 12 steps of 8 x 2 (run_cli_row), compiled on a GPU (choose_torch_compile)
+        batch, accumulation, compiled = 8, 2, row.get("device", "cuda") == "cuda"
+        tokens = largest_micro_batch(layout, batch, 12 * accumulation, packed=True, row_multiple=64)
+    elif row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
         tokens = largest_micro_batch(layout, batch, steps, packed=False)
     elif row["row"].startswith("dpolab-fast"):
         multiple = packing.row_multiple(compiled, fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of"))
         tokens = largest_micro_batch(layout, batch, steps, packed=True, row_multiple=multiple)
     else:
         return None
-    shape = plan.RunShape(batch=batch, max_length=1024, accumulation=1, checkpointing=row["checkpointing"],
+    shape = plan.RunShape(batch=batch, max_length=1024, accumulation=accumulation,
+                          checkpointing=row.get("checkpointing", False),
                           weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
                           precompute_ref=row["row"] != "trl-default", tokens=tokens, compiled=compiled)  # fmt: skip
     return plan.peak_reserved(model, shape) / 2**30
@@ -746,8 +754,8 @@ def table(rows: list[dict], layout, args) -> str:
         diff = None
         if same_workload and row.get("losses"):
             diff = max(abs(a - b) for a, b in zip(row["losses"], window_means(base["losses"], row["loss_steps"])))
-        if row.get("losses"):
-            plan_gib = planned({**row, "model": args.model_dir}, layout, args.steps)
+        if row.get("losses") or row["row"] == "cli-full":
+            plan_gib = planned({**row, "model": args.model_dir, "device": args.device}, layout, args.steps)
         else:
             plan_gib = (row.get("fit") or {}).get("planned_peak_gib")
         changed = 100 * row["weights_changed"] if row.get("weights_changed") is not None else None

@@ -163,12 +163,31 @@ def test_fit_keeps_the_global_batch_and_prefers_no_checkpointing():
 
 def test_batch_token_peak_by_hand():
     pairs = [(10, 5, 7)] * 50  # every pair alike: any batch of 4 holds the same tokens
-    assert batch_token_peak(pairs, 4, packed=True) == 4 * 22  # prompt once, both answers
-    assert batch_token_peak(pairs, 4, packed=True, row_multiple=64) == 128  # the collator rounds 88 up to 128
-    assert batch_token_peak(pairs, 4, packed=False, row_multiple=64) == 2 * 4 * 17  # padded rows: not rounded
-    assert batch_token_peak(pairs, 4, packed=False) == 2 * 4 * 17  # TRL: 8 rows padded to prompt + longer answer
+    assert batch_token_peak(pairs, 4, packed=True, micro_batches=10) == 4 * 22  # prompt once, both answers
+    assert batch_token_peak(pairs, 4, True, 10, row_multiple=64) == 128  # the collator rounds 88 up to 128
+    assert batch_token_peak(pairs, 4, False, 10, row_multiple=64) == 2 * 4 * 17  # padded rows: not rounded
+    assert batch_token_peak(pairs, 4, False, 10) == 2 * 4 * 17  # TRL: 8 rows padded to prompt + longer answer
+    # one long pair in 1,000: a run of 10 micro-batches of 4 draws it with a chance of 1 - 0.999^40 = 3.9%, 20 such
+    # runs with 55%; a run of 1,000 micro-batches (a 4,000-pair epoch) almost surely (1 - 0.999^4000 = 98.2%)
     mixed = [(10, 5, 7)] * 999 + [(10, 500, 500)]
-    assert batch_token_peak(mixed, 4, packed=True) > 4 * 22  # the 99.9th percentile meets the long pair
+    assert batch_token_peak(mixed, 4, True, micro_batches=1000) == 3 * 22 + 1010
+    assert batch_token_peak(mixed, 4, True, micro_batches=1, runs=1) == 4 * 22
+
+
+def test_the_planned_micro_batch_is_one_a_run_rarely_exceeds():
+    """Over 1,000 runs of a whole epoch, the share whose largest micro-batch exceeds `batch_token_peak`'s (20
+    simulated runs): about 1 in 21, where the 99.9th percentile of a micro-batch (the previous rule) is exceeded
+    by nearly every run of 3,883 micro-batches (1 - 0.999^3883 = 98%)."""
+    import numpy
+
+    rng = numpy.random.default_rng(1)
+    lengths = [(int(p), int(c), int(r)) for p, c, r in numpy.exp(rng.uniform(numpy.log(20), numpy.log(400), (2000, 3)))]
+    planned = batch_token_peak(lengths, 16, True, micro_batches=3883)
+    array = numpy.asarray(lengths).sum(axis=1)
+    run_peaks = numpy.array([array[rng.integers(0, 2000, (3883, 16))].sum(axis=1).max() for _ in range(1000)])
+    assert 0.01 < (run_peaks > planned).mean() < 0.12
+    typical = numpy.quantile(array[rng.integers(0, 2000, (20000, 16))].sum(axis=1), 0.999)
+    assert (run_peaks > typical).mean() > 0.9
 
 
 def test_plan_command_for_the_full_preset(capsys):
@@ -196,9 +215,10 @@ def test_plan_command_for_the_full_preset(capsys):
 
 
 def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
-    """fit_to_memory on a pretend card with 3 MiB beyond the CUDA context: the tiny model's 8 pairs (~4.3 MiB
-    planned, their packed row rounded up to 448 tokens) do not fit in one micro-batch, so it splits them, keeping 8
-    pairs per optimizer step. On a GPU older than compute capability 8.0 the fast path's SDPA mask is planned too."""
+    """fit_to_memory on a pretend card with 3 MiB beyond the CUDA context: the tiny model's 8 pairs do not fit in one
+    micro-batch, so it splits them, keeping 8 pairs per optimizer step; it plans for the largest micro-batch of
+    simulated runs as long as this one (3 steps; 3 epochs). On a GPU older than compute capability 8.0 the fast
+    path's SDPA mask is planned too."""
     import torch
 
     from dpolab.config import parse_train_args
@@ -215,9 +235,18 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
     planned = []
     monkeypatch.setattr(plan, "fit", lambda model, shape, *args: planned.append(shape) or real_fit(model, shape, *args))
+    drawn = []  # (pairs per micro-batch, micro-batches a simulated run draws)
+    real_peak = plan.batch_token_peak
+
+    def peak_spy(pairs, batch, packed, micro_batches, **kwargs):
+        drawn.append((batch, micro_batches))
+        return real_peak(pairs, batch, packed, micro_batches, **kwargs)
+
+    monkeypatch.setattr(plan, "batch_token_peak", peak_spy)
     lengths = check_tokens(config, load_tokenizer(str(tiny_model_dir)), load_train_eval(config)[0])
-    chosen = fit_to_memory(config, str(tiny_model_dir), lengths)
+    chosen = fit_to_memory(config, str(tiny_model_dir), lengths, 16)
     assert planned[-1].dense_mask is False  # FlexAttention on this pretend H100
+    assert (8, 3) in drawn and all(runs == -(-3 * 8 // batch) for batch, runs in drawn)  # max_steps 3 of 8 pairs
     assert chosen["per_device_train_batch_size"] * chosen["gradient_accumulation_steps"] == 8
     assert 1 < chosen["per_device_train_batch_size"] < 8 and not chosen["activation_checkpointing"]
     assert config.training.per_device_train_batch_size == chosen["per_device_train_batch_size"]
@@ -225,11 +254,14 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     assert "fit_to_memory: per_device_train_batch_size" in out and "not counted" not in out
     config.training.torch_compile, config.training.torch_compile_mode = True, "reduce-overhead"
     config.script.gpu_memory_gib = 80  # rows rounded to 512 tokens: more than the pretend card above
-    fit_to_memory(config, str(tiny_model_dir), lengths)
+    fit_to_memory(config, str(tiny_model_dir), lengths, 16)
     assert "; the CUDA graphs memory pool not counted)" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (7, 5))  # a T4: SDPA's dense mask
-    fit_to_memory(config, str(tiny_model_dir), lengths)
+    config.training.max_steps, config.training.num_train_epochs = -1, 3  # 3 epochs of 16 pairs: 6 steps of 8
+    drawn.clear()
+    fit_to_memory(config, str(tiny_model_dir), lengths, 16)
     assert planned[-1].dense_mask is True
+    assert (8, 6) in drawn and all(runs == -(-48 // batch) for batch, runs in drawn)
 
 
 def out_of_memory(*args, **kwargs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import math
 import os
 import shutil
@@ -47,7 +48,7 @@ def run(config: TrainConfig) -> dict:
     lengths = check_tokens(config, tokenizer, train_pairs)
     choose_reference_pass(config, len(train_pairs.dataset))
     choose_torch_compile(config)
-    fitted = fit_to_memory(config, model_path, lengths)
+    fitted = fit_to_memory(config, model_path, lengths, len(train_pairs.dataset))
     if process.is_main_process:
         record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
         start_run_directory(run_dir, config, record, resume_from)
@@ -213,9 +214,11 @@ def choose_torch_compile(config: TrainConfig) -> None:
     print("torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).", flush=True)
 
 
-def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
-    """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), for the tokens
-    this data puts in a micro-batch, keeping the global batch. Sets them in the config and says what it chose."""
+def fit_to_memory(config: TrainConfig, model_path: str, lengths, train_pairs: int) -> dict | None:
+    """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), keeping the global
+    batch, for the largest micro-batch the run is likely to meet: its memory peaks in that one micro-batch, which
+    in a whole epoch is well above the typical one (`plan.batch_token_peak`). Sets them in the config and says what
+    it chose."""
     import torch
 
     from dpolab import packing, plan
@@ -234,7 +237,15 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     model = plan.model_shape(model_path)
     # the fast path takes SDPA (transformers' default, None) where it does not take FlexAttention: a dense mask
     shape = replace(plan.run_shape(config), dense_mask=packed and attention_implementation(config) in (None, "sdpa"))
-    chosen = plan.fit(model, shape, budget, lambda b: plan.batch_token_peak(scored, b, packed, multiple))
+    pairs_seen = planned_steps(training, train_pairs) * pairs_per_step(training)
+
+    @functools.cache
+    def tokens_for_batch(batch: int) -> int:
+        return plan.batch_token_peak(
+            scored, batch, packed, micro_batches=-(-pairs_seen // batch), row_multiple=multiple
+        )
+
+    chosen = plan.fit(model, shape, budget, tokens_for_batch)
     if chosen is None:
         raise DpolabError(
             f"No micro-batch fits {budget / plan.GIB:.1f} GiB even with activation checkpointing (`dpolab plan` "
@@ -248,7 +259,8 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths) -> dict | None:
     print(
         f"fit_to_memory: per_device_train_batch_size {chosen.batch} x gradient_accumulation_steps "
         f"{chosen.accumulation}, activation_checkpointing {str(chosen.checkpointing).lower()} (planned peak "
-        f"{estimate / plan.GIB:.1f} of {budget / plan.GIB:.1f} GiB for {chosen.tokens:,} tokens per micro-batch"
+        f"{estimate / plan.GIB:.1f} of {budget / plan.GIB:.1f} GiB for a micro-batch of {chosen.tokens:,} tokens, "
+        "the largest this run is likely to meet"
         f"{'; the CUDA graphs memory pool not counted' if graphs else ''})",
         flush=True,
     )
