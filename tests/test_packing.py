@@ -536,7 +536,7 @@ def packed_inputs(seed: int, pairs: int = 4) -> dict:
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_sdpa_layers_share_one_mask_and_compute_what_the_boolean_mask_gives(tiny_model_dir, autocast):
     """SDPA turns a boolean mask into an additive one in every layer, and each layer keeps its copy for the backward
-    (T x T each: 24 x 80 MB at the bench's rows); the fast path hands every layer one additive mask, in the dtype SDPA
+    (T x T each: 24 x 75 MiB at the bench's rows); the fast path hands every layer one additive mask, in the dtype SDPA
     computes in, kept once, and the hidden states and gradients are the boolean mask's exactly."""
     from transformers import AutoModelForCausalLM
 

@@ -229,7 +229,7 @@ def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tenso
         dtype = backbone.dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     # SDPA turns a boolean mask into an additive one of the queries' dtype (-inf where masked) in every call, and each
-    # layer keeps its copy for the backward: a T x T tensor per layer (24 x 80 MB in bf16 at the bench's 6,272-token
+    # layer keeps its copy for the backward: a T x T tensor per layer (24 x 75 MiB in bf16 at the bench's 6,272-token
     # rows). Made once here, the same tensor serves every layer and is kept once; the same values, so the same output.
     dtype = attention_dtype(backbone, pair.device.type)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))

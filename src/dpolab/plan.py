@@ -13,8 +13,8 @@ activations autograd saves, TRL's chunked LM head (one fp32 logits tile and an f
 head: the full logits never exist), and under SDPA the packed row's dense mask. Reserved memory adds the CUDA
 allocator's slack and the CUDA context. Against an H100's measurements (bench/RESULTS.md): peak allocated within
 0.04 GiB for TRL's default and the fast path, eager and compiled, where the run's largest micro-batch is known; peak
-reserved +0% to +15% for those and the smoke and full presets (which plan for the 99.9th-percentile micro-batch,
-more than a short run meets).
+reserved +0% to +15% for those and the smoke and full presets (which plan for the largest micro-batch of 20
+simulated runs as long as theirs, more than most of their runs meet).
 """
 
 from __future__ import annotations
