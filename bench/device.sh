@@ -36,7 +36,7 @@ python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,flex-attention,dpolab-fast-compile-backbone-cudagraphs,cli-full,\
 dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
 dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,\
-dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager}
+dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,dpolab-fast-sdpa}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $PROFILE_FLAG --out "$OUT" --work /tmp/bench-work \

@@ -717,7 +717,8 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
     shape = plan.RunShape(batch=batch, max_length=1024, accumulation=accumulation,
                           checkpointing=row.get("checkpointing", False),
                           weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
-                          precompute_ref=row["row"] != "trl-default", tokens=tokens, compiled=compiled)  # fmt: skip
+                          precompute_ref=row["row"] != "trl-default", tokens=tokens, compiled=compiled,
+                          dense_mask=fields.get("attn_implementation") == "sdpa")  # fmt: skip
     return plan.peak_reserved(model, shape) / 2**30
 
 

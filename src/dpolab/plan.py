@@ -351,7 +351,8 @@ def run(config: PlanConfig) -> int:
           f"--per_device_train_batch_size {best.batch} --gradient_accumulation_steps {best.accumulation} "
           f"--activation_checkpointing {str(best.checkpointing).lower()}   "
           f"(~{peak_reserved(model, best) / GIB:.1f} GiB)")  # fmt: skip
-    print("`dpolab train` does this choice itself (fit_to_memory), for the tokens its data really puts in a batch.")
+    print("`dpolab train` makes this choice itself (fit_to_memory), for the largest micro-batch its data is likely to "
+          "give in a run of its length.")  # fmt: skip
     return 0
 
 
