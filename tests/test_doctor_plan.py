@@ -289,8 +289,11 @@ def test_out_of_memory_names_a_setting_that_fits_and_the_checkpoint(tmp_path, ti
     monkeypatch.setattr(DPOTrainer, "train", out_of_memory)
     message = train_out_of_memory(tmp_path, tiny_config, capsys)
     assert "CUDA ran out of memory at step 0 (micro-batch 4 x accumulation 1" in message
-    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2" in message
+    # fit_to_memory would choose the split that ran out again: the setting turns it off
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2 --fit_to_memory false;" in message
     assert "no checkpoint was saved yet" in message
+    message = train_out_of_memory(tmp_path, tiny_config, capsys, "--fit_to_memory", "false", "--run_name", "unfit")
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2; no checkpoint" in message
     graphs = ["--torch_compile", "true", "--torch_compile_backend", "aot_eager", "--torch_compile_mode",
               "reduce-overhead", "--run_name", "graphs"]  # fmt: skip
     message = train_out_of_memory(tmp_path, tiny_config, capsys, *graphs)

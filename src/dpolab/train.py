@@ -812,14 +812,17 @@ def out_of_memory_message(trainer, run_dir: RunDir, config: TrainConfig, in_eval
         advice = ("The CUDA graphs of torch_compile_mode keep a memory pool of their own, which the plan does not "
                   "count; without them (the layers compiled one by one)")  # fmt: skip
         setting = "without torch_compile_mode (drop the flag or the YAML key)"
-    elif batch > 1:
-        smaller = batch // 2 if batch % 2 == 0 else 1
-        setting = (f"--per_device_train_batch_size {smaller} --gradient_accumulation_steps "
-                   f"{batch * accumulation // smaller}")  # fmt: skip
-    elif not training.activation_checkpointing:
-        setting = "--activation_checkpointing true"
     else:
-        setting = "--use_peft true (or a shorter --max_length)"
+        if batch > 1:
+            smaller = batch // 2 if batch % 2 == 0 else 1
+            setting = (f"--per_device_train_batch_size {smaller} --gradient_accumulation_steps "
+                       f"{batch * accumulation // smaller}")  # fmt: skip
+        elif not training.activation_checkpointing:
+            setting = "--activation_checkpointing true"
+        else:
+            setting = "--use_peft true (or a shorter --max_length)"
+        if config.script.fit_to_memory and not (training.deepspeed or training.fsdp):
+            setting += " --fit_to_memory false"  # else it chooses again what ran out: its plan missed this batch
     last = run_dir.last_complete_checkpoint()
     resume = (
         f"then resume from {last} with the same command plus --resume, {setting}"
