@@ -106,8 +106,9 @@ class ScriptArguments:
         default=True,
         metadata={
             "help": "On a GPU, choose per_device_train_batch_size (keeping per_device_train_batch_size x "
-            "gradient_accumulation_steps) and activation_checkpointing with `dpolab plan`'s estimate for the tokens "
-            "this data puts in a micro-batch, so the run fits the card; prints what it chose."
+            "gradient_accumulation_steps) and activation_checkpointing with `dpolab plan`'s estimate for the largest "
+            "micro-batch this data is likely to give in a run of this length, so the run fits the card; prints what "
+            "it chose."
         },
     )
     gpu_memory_gib: float | None = field(
