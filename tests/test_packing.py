@@ -195,9 +195,9 @@ def per_token_logps(trainer, batch):
 
 @pytest.mark.parametrize(
     "fmt, max_length, attn",
-    [("strings", 256, "sdpa"), ("messages", 256, "sdpa"), ("implicit", 256, "eager"), ("hh", 256, "sdpa"),
-     ("messages", 30, "sdpa"), ("implicit", 28, "eager")],
-    ids=["strings", "messages", "implicit-eager", "hh", "truncated", "truncated-eager"],
+    [("strings", 256, "sdpa"), ("messages", 256, "sdpa"), ("implicit", 256, "sdpa"), ("hh", 256, "sdpa"),
+     ("messages", 30, "sdpa"), ("implicit", 28, "sdpa")],
+    ids=["strings", "messages", "implicit", "hh", "truncated", "truncated-implicit"],
 )  # fmt: skip
 def test_packed_log_probs_equal_trls_padded_ones(tmp_path, tiny_model_dir, fmt, max_length, attn):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -429,6 +429,12 @@ def test_the_fast_path_says_why_it_is_off(tmp_path, tiny_config, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("messages", 8))
     assert main(["train", "--config", str(tiny_config(data, max_steps=1, truncation_mode="keep_end"))]) == 0
     assert "Fast path off: truncation_mode keep_end" in capsys.readouterr().out
+    eager = ["--config", str(tiny_config(data, max_steps=1)), "--attn_implementation", "eager", "--run_name", "eager"]
+    assert main(["train", *eager]) == 0
+    assert (
+        "Fast path off: eager attention keeps each layer's whole scores, which on a packed row grow with the "
+        "square of the pairs per micro-batch" in capsys.readouterr().out
+    )
 
 
 def test_the_reference_pre_pass_is_trls_and_is_cached(tmp_path, tiny_model_dir, capsys):

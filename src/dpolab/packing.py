@@ -15,9 +15,10 @@ untouched. Reference log-probs come from a pre-pass (`PrecomputedReferenceDPOTra
 on-disk cache, the same cache `dpolab eval` and `sweep` read; with them, that trainer computes TRL's loss and
 metrics without reading device values back in every step (`loss_without_waits`).
 
-Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped), SDPA (a dense boolean mask) or
-eager attention (a dense additive mask). Other attention implementations keep TRL's padded path. With TRL's
-`torch_compile`, the decoder layers are compiled in place (`compile_layers`).
+Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped) or SDPA (one dense additive mask for
+every layer). Other attention implementations keep TRL's padded path (eager attention too: its scores on a packed
+row grow with the square of the batch). With TRL's `torch_compile`, the decoder layers are compiled in place
+(`compile_layers`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ROW_MULTIPLE = 64  # the packed row's length is rounded up to this: fewer distin
 # torch.compile modes that record CUDA graphs, one per row length: rows rounded to this, fewer lengths to record
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CUDA_GRAPH_ROW_MULTIPLE = 512
-SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+SUPPORTED_ATTENTION = ("sdpa", "flex_attention")
 
 
 # --- layout (pure) ------------------------------------------------------------------------------------------------
@@ -221,13 +222,10 @@ def block_mask(pair: torch.Tensor, segment: torch.Tensor, block: int = 128):
 
 
 def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tensor, backbone):
-    """The mask a packed row needs under the backbone's attention implementation."""
+    """The mask a packed row needs under the backbone's attention implementation (flex_attention or sdpa)."""
     if implementation == "flex_attention":
         return block_mask(pair, segment)
     mask = dense_mask(pair, segment)
-    if implementation == "eager":  # added to the scores, in the hidden states' dtype as transformers' eager mask is
-        dtype = backbone.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     # SDPA turns a boolean mask into an additive one of the queries' dtype (-inf where masked) in every call, and each
     # layer keeps its copy for the backward: a T x T tensor per layer (24 x 75 MiB in bf16 at the bench's 6,272-token
     # rows). Made once here, the same tensor serves every layer and is kept once; the same values, so the same output.
@@ -248,6 +246,11 @@ def attention_dtype(backbone, device_type: str) -> torch.dtype:
 def unsupported_reason(model_config, truncation_mode: str) -> str | None:
     """Why the fast path cannot run for this model and these settings, or None when it can."""
     implementation = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    if implementation == "eager":  # packed: H x T^2 per layer for T ~ B x 1.5 L tokens; padded: 2B x H x L^2
+        return (
+            "eager attention keeps each layer's whole scores, which on a packed row grow with the square of the "
+            "pairs per micro-batch (TRL's padded rows keep less from 2 pairs up; sdpa or flex_attention take it)"
+        )
     if implementation not in SUPPORTED_ATTENTION:
         return f"attention implementation '{implementation}' takes no custom mask (use sdpa or flex_attention)"
     if truncation_mode != "keep_start":
