@@ -246,10 +246,10 @@ def attention_dtype(backbone, device_type: str) -> torch.dtype:
 def unsupported_reason(model_config, truncation_mode: str) -> str | None:
     """Why the fast path cannot run for this model and these settings, or None when it can."""
     implementation = getattr(model_config, "_attn_implementation", None) or "sdpa"
-    if implementation == "eager":  # packed: H x T^2 per layer for T ~ B x 1.5 L tokens; padded: 2B x H x L^2
+    if implementation == "eager":  # packed: H x T^2 per layer, T = B x (a pair's tokens); padded: 2B x H x L^2
         return (
             "eager attention keeps each layer's whole scores, which on a packed row grow with the square of the "
-            "pairs per micro-batch (TRL's padded rows keep less from 2 pairs up; sdpa or flex_attention take it)"
+            "pairs per micro-batch (about B/2 times what TRL's padded rows keep; sdpa or flex_attention take it)"
         )
     if implementation not in SUPPORTED_ATTENTION:
         return f"attention implementation '{implementation}' takes no custom mask (use sdpa or flex_attention)"
