@@ -325,6 +325,24 @@ def test_out_of_memory_in_an_evaluation_names_the_eval_batch(tmp_path, tiny_conf
     assert f"then resume from {last} with the same command plus --resume, --per_device_eval_batch_size 2." in message
 
 
+def test_out_of_memory_in_the_evaluation_after_training_names_the_eval_batch(tmp_path, tiny_config, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    """The last evaluation dpolab runs itself (eval_delay past the end: the Trainer evaluated at no step) is guarded
+    as the Trainer's are: one message with the eval batch to halve and the checkpoint the run ended with."""
+    from transformers import Trainer
+
+    def evaluation_loop(*args, **kwargs):
+        out_of_memory()
+
+    monkeypatch.setattr(Trainer, "evaluation_loop", evaluation_loop)
+    message = train_out_of_memory(tmp_path, tiny_config, capsys, pairs=12, eval_holdout=0.25, eval_strategy="steps",
+                                  eval_steps=1, eval_delay=100, save_strategy="steps", save_steps=3)  # fmt: skip
+    assert "CUDA ran out of memory at step 3 (micro-batch 4 x accumulation 1" in message
+    last = tmp_path / "runs" / "tiny" / "checkpoint-3"
+    assert f"then resume from {last} with the same command plus --resume, --per_device_eval_batch_size 2." in message
+    assert not (tmp_path / "runs" / "tiny" / "final").exists()
+
+
 @pytest.mark.parametrize("weights, compiled", [("float32", False), ("bfloat16", False), ("float32", True)])
 def test_activations_per_token_are_what_a_real_layer_keeps(weights, compiled):
     """The plan's activation count against the tensors a Qwen2 decoder layer really saves for its backward (float32

@@ -62,7 +62,7 @@ def run(config: TrainConfig) -> dict:
         warn_disk_space(trainer, run_dir, steps)
     started = time.time()
     train_output = train_guarded(trainer, run_dir, config, resume_from)
-    evaluate_at_end(trainer, eval_pairs is not None, config)
+    evaluate_at_end(trainer, run_dir, eval_pairs is not None, config)
     save_final(trainer, run_dir, tokenizer, config, process)
     summary = {}
     if process.is_main_process:
@@ -679,8 +679,10 @@ def train_guarded(trainer, run_dir: RunDir, config: TrainConfig, resume_from: st
     return train_output
 
 
-def evaluate_at_end(trainer, has_eval_data: bool, config: TrainConfig) -> None:
+def evaluate_at_end(trainer, run_dir: RunDir, has_eval_data: bool, config: TrainConfig) -> None:
     """As TRL: evaluation follows eval_strategy; a run that evaluates gets a last evaluation at its final step."""
+    import torch
+
     from dpolab.models import score_completion_tokens_only
 
     last_step = trainer.state.global_step
@@ -690,7 +692,10 @@ def evaluate_at_end(trainer, has_eval_data: bool, config: TrainConfig) -> None:
         and not evaluated_at(trainer.state.log_history, last_step)
     ):
         with score_completion_tokens_only():
-            trainer.evaluate()
+            try:
+                trainer.evaluate()
+            except torch.OutOfMemoryError:
+                raise DpolabError(out_of_memory_message(trainer, run_dir, config, in_evaluation=True)) from None
 
 
 def save_final(trainer, run_dir: RunDir, tokenizer, config: TrainConfig, process) -> None:
