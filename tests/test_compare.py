@@ -34,6 +34,15 @@ def synthetic_run(root, name, chosen_slope, loss_type, steps=30):
     return run_dir
 
 
+def test_a_cell_reads_the_same_in_the_terminal_and_on_the_page():
+    from dpolab.render import cell_text, fmt
+
+    assert cell_text(None) == fmt(None) == "-"  # a run without the metric: '-' in both, not 'None' in the terminal
+    assert cell_text(0.123456) == fmt(0.123456) == "0.1235"
+    assert cell_text(["sigmoid", "sft"], ",") == "sigmoid,sft" and fmt(["sigmoid", "sft"]) == "sigmoid, sft"
+    assert fmt("<b>") == "&lt;b&gt;" and cell_text("<b>") == "<b>"
+
+
 def test_compare_puts_the_settings_that_differ_first_and_names_each_runs_diagnostics(tmp_path, capsys):
     pure = synthetic_run(tmp_path, "pure-dpo", chosen_slope=-0.5, loss_type=["sigmoid"])
     with_sft = synthetic_run(tmp_path, "dpo-sft", chosen_slope=0.2, loss_type=["sigmoid", "sft"])

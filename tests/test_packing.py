@@ -737,7 +737,7 @@ def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, ti
 
 
 def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(tmp_path, tiny_config, monkeypatch,
-                                                                                capsys):  # fmt: skip
+                                                                                capsys, request):  # fmt: skip
     """reduce-overhead around each compiled layer left 24 backwards pending and ran 10x slower on an H100
     (bench/RESULTS.md): under the CUDA-graph modes the whole backbone is compiled as one graph, after the reference
     pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
@@ -771,7 +771,10 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     checkpointing_eval = {"precompute_ref_log_probs": True, "activation_checkpointing": True, "eval_holdout": 0.25,
                           "eval_strategy": "steps", "eval_steps": 2, "pad_to_multiple_of": 16}  # fmt: skip
     triton = torch._inductor.config.triton
-    monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)  # PyTorch's default, restored after
+    # PyTorch's default, restored after by hand: monkeypatch's undo would delete the entry from torch's config (it
+    # reads the old value from the proxy's own __dict__, where it is not), and every later compile would fail
+    limit, triton.cudagraph_dynamic_shape_warn_limit = triton.cudagraph_dynamic_shape_warn_limit, 8
+    request.addfinalizer(lambda: setattr(triton, "cudagraph_dynamic_shape_warn_limit", limit))
     # the second: 2 micro-batches of 2 pairs per step, whose gradients are allocated before the step's backwards
     accumulating = {"precompute_ref_log_probs": False, "per_device_train_batch_size": 2,
                     "gradient_accumulation_steps": 2}  # fmt: skip

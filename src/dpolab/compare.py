@@ -127,20 +127,13 @@ def metric_rows(runs: dict[str, RunFiles]) -> list[list]:
 def console_table(runs: dict[str, RunFiles], differing: list[str]) -> str:
     """The settings that differ (`differing_settings`) and every metric some run has, one column per run, for a
     terminal."""
-    from dpolab.render import text_table
+    from dpolab.render import cell_text, text_table
 
     configs = [settings_of(files) for files in runs.values()]
     rows = [[key, *(config.get(key, NOT_RUN) for config in configs)] for key in differing]
     rows += [row for row in metric_rows(runs) if any(value not in (NOT_RUN, None) for value in row[1:])]
-    return text_table([[row[0], *map(console_value, row[1:])] for row in [["", *runs], *rows]])
-
-
-def console_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+    # lists joined by a comma alone: one word per cell, so the columns stay columns
+    return text_table([[row[0], *(cell_text(value, ",") for value in row[1:])] for row in [["", *runs], *rows]])
 
 
 LENGTH_BIAS_ROWS = (

@@ -64,15 +64,20 @@ def image_tag(path: Path, alt: str, css: str = "") -> str:
     return f"<img class='{css}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-def fmt(value) -> str:
-    """A table cell: floats to 4 significant digits, lists joined, everything escaped."""
+def cell_text(value, separator: str = ", ") -> str:
+    """A table cell as plain text: None as '-', floats to 4 significant digits, lists joined by `separator`."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
-        return html.escape(", ".join(map(str, value)))
-    return html.escape(str(value))
+        return separator.join(map(str, value))
+    return str(value)
+
+
+def fmt(value) -> str:
+    """A table cell of an HTML page: `cell_text`, escaped."""
+    return html.escape(cell_text(value))
 
 
 def text_table(rows: list[list[str]], align: str = "<") -> str:
