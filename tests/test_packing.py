@@ -702,8 +702,8 @@ def test_a_cuda_fast_path_compiles_its_layers_unless_told_or_unmeasured(tmp_path
     )
     assert chosen("--fast_path", "false") == (False, "torch_compile: off (fast_path is off).\n", None)
     assert chosen(triton=False) == (False, "torch_compile: off (Triton is not installed).\n", "flex_attention")
-    older = ("torch_compile: off (this GPU's compute capability 7.5 is below 8.0, where FlexAttention and compiled "
-             "layers were measured")  # fmt: skip
+    older = ("torch_compile: off (this GPU's compute capability 7.5 is below 8.0 (no bf16; FlexAttention and "
+             "compiled layers were measured on 9.0 and are taken from 8.0 up)")  # fmt: skip
     assert chosen(capability=(7, 5)) == (False, older + ": the fast path takes SDPA with a dense mask).\n", None)  # T4
     flex = chosen("--attn_implementation", "flex_attention", capability=(7, 0))  # a V100, FlexAttention as asked
     assert flex == (False, older.replace("7.5", "7.0") + ").\n", "flex_attention")
