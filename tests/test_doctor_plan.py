@@ -310,11 +310,14 @@ def test_out_of_memory_in_the_reference_pre_pass_names_its_batch_size(tmp_path, 
     assert not (tmp_path / "runs" / "tiny").exists()  # a run that never started leaves nothing
 
 
+def evaluation_loop(*args, **kwargs):
+    """transformers' evaluation loop as it fails when the card is full, named as its own: the frame the message
+    looks for."""
+    out_of_memory()
+
+
 def test_out_of_memory_in_an_evaluation_names_the_eval_batch(tmp_path, tiny_config, monkeypatch, capsys):
     from transformers import Trainer
-
-    def evaluation_loop(*args, **kwargs):  # named as transformers' own: the frame the message looks for
-        out_of_memory()
 
     monkeypatch.setattr(Trainer, "evaluation_loop", evaluation_loop)
     message = train_out_of_memory(tmp_path, tiny_config, capsys, pairs=12, eval_holdout=0.25, eval_strategy="steps",
@@ -330,9 +333,6 @@ def test_out_of_memory_in_the_evaluation_after_training_names_the_eval_batch(tmp
     """The last evaluation dpolab runs itself (eval_delay past the end: the Trainer evaluated at no step) is guarded
     as the Trainer's are: one message with the eval batch to halve and the checkpoint the run ended with."""
     from transformers import Trainer
-
-    def evaluation_loop(*args, **kwargs):
-        out_of_memory()
 
     monkeypatch.setattr(Trainer, "evaluation_loop", evaluation_loop)
     message = train_out_of_memory(tmp_path, tiny_config, capsys, pairs=12, eval_holdout=0.25, eval_strategy="steps",

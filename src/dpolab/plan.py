@@ -267,8 +267,9 @@ class PlanConfig:
         )
 
 
-def run_shape(train) -> RunShape:
-    """The memory-relevant settings of a resolved train config."""
+def run_shape(train, attention: str) -> RunShape:
+    """The memory-relevant settings of a resolved train config, whose policy loads with `attention` (the fast path's
+    packed row keeps a dense mask under sdpa)."""
     training, model = train.training, train.model
     return RunShape(
         batch=training.per_device_train_batch_size, max_length=training.max_length or 1024,
@@ -276,8 +277,7 @@ def run_shape(train) -> RunShape:
         weight_bytes=DTYPE_BYTES[model.dtype or "float32"], peft=bool(model.use_peft), lora_r=model.lora_r,
         precompute_ref=bool(training.precompute_ref_log_probs), autocast=bool(training.bf16 or training.fp16),
         compiled=bool(training.torch_compile),
-        dense_mask=train.script.fast_path and training.truncation_mode == "keep_start"
-        and model.attn_implementation == "sdpa",
+        dense_mask=train.script.fast_path and training.truncation_mode == "keep_start" and attention == "sdpa",
     )  # fmt: skip
 
 
@@ -313,7 +313,8 @@ def run(config: PlanConfig) -> int:
     if not name:
         raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
     model = model_shape(name)
-    shape = run_shape(config.train)
+    # on the card FlexAttention, unless another attention is given (train.attention_implementation)
+    shape = run_shape(config.train, config.train.model.attn_implementation or "flex_attention")
     # planned for the card: float32 weights train under bf16 autocast there (this machine may say otherwise), and
     # the fast path compiles its layers there unless torch_compile was given (train.choose_torch_compile)
     from dpolab.train import compile_off_reason

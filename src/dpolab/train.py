@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -235,8 +234,7 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths, train_pairs: in
     packed = script.fast_path and training.truncation_mode == "keep_start"
     multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of)
     model = plan.model_shape(model_path)
-    # the fast path takes SDPA (transformers' default, None) where it does not take FlexAttention: a dense mask
-    shape = replace(plan.run_shape(config), dense_mask=packed and attention_implementation(config) in (None, "sdpa"))
+    shape = plan.run_shape(config, attention_implementation(config) or "sdpa")  # None: transformers' default, SDPA
     pairs_seen = planned_steps(training, train_pairs) * pairs_per_step(training)
 
     @functools.cache
