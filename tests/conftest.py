@@ -42,6 +42,13 @@ def _corpus() -> list[str]:
     return lines
 
 
+def out_of_memory(*args, **kwargs):
+    """A method that fails as CUDA does when the card is full (monkeypatched over a model's or the trainer's)."""
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 64-hidden Qwen2 with random weights and a BPE tokenizer (ChatML template) trained here."""

@@ -5,7 +5,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import rows_in_format, write_jsonl
+from conftest import out_of_memory, rows_in_format, write_jsonl
 
 from dpolab import plan
 from dpolab.doctor import (
@@ -262,13 +262,6 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     fit_to_memory(config, str(tiny_model_dir), lengths, 16)
     assert planned[-1].dense_mask is True
     assert (8, 6) in drawn and all(runs == -(-48 // batch) for batch, runs in drawn)
-
-
-def out_of_memory(*args, **kwargs):
-    """A method that fails as CUDA does when the card is full."""
-    import torch
-
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def train_out_of_memory(tmp_path, tiny_config, capsys, *argv, pairs=8, **overrides) -> str:

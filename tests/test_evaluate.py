@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import rows_in_format, write_jsonl
+from conftest import out_of_memory, rows_in_format, write_jsonl
 
 from dpolab.cli import main
 
@@ -180,12 +180,8 @@ def test_eval_errors(tmp_path, tiny_config, tiny_model_dir, capsys):
 
 
 def test_eval_out_of_memory_names_a_smaller_batch_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import torch
 
     from dpolab import logps
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(logps, "length_weighted_logps", out_of_memory)  # read by the scoring loop at each call
     write_jsonl(tmp_path / "d" / "test.jsonl", rows_in_format("messages", 6))

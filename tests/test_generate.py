@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import rows_in_format, write_jsonl
+from conftest import out_of_memory, rows_in_format, write_jsonl
 
 from dpolab.cli import main
 from dpolab.generate import distinct_n, length_stats, load_prompts, repetition_rate
@@ -65,11 +65,7 @@ def test_generate_errors(tmp_path, tiny_model_dir, plain_model_dir, capsys):
 
 
 def test_generate_out_of_memory_names_a_smaller_batch_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import torch
     from transformers import GenerationMixin
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(GenerationMixin, "generate", out_of_memory)
     output = tmp_path / "out"

@@ -5,7 +5,7 @@ import json
 import random
 
 import pytest
-from conftest import rows_in_format, write_jsonl
+from conftest import out_of_memory, rows_in_format, write_jsonl
 
 from dpolab.cli import main
 from dpolab.judge import bootstrap_interval, compare_with_base, length_controlled_win_rate, wins
@@ -136,11 +136,7 @@ def test_judge_errors_and_what_is_not_a_reward_model(judged_run, reward_models, 
     assert main(["judge", str(run_dir), "--reward_model", reward, "--samples", "3", *common]) == 2
     assert "--samples > 1 needs --do_sample" in capsys.readouterr().err
     assert not (run_dir / "judge.json").exists()
-    import torch
     from transformers import Qwen2ForSequenceClassification
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.MonkeyPatch.context() as patch:  # the reward model's forward on a full card
         patch.setattr(Qwen2ForSequenceClassification, "forward", out_of_memory)
