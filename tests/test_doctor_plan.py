@@ -1,5 +1,6 @@
 """`dpolab doctor` on this machine and on made-up environments; `dpolab plan`'s arithmetic by hand."""
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -206,6 +207,9 @@ def test_plan_command_for_the_full_preset(capsys):
     assert "compiled layers off" in out and "attention mask" not in out  # FlexAttention: no dense mask
     assert main(["plan", "--preset", "full", "--attn_implementation", "sdpa", "--torch_compile", "false"]) == 0
     assert "attention mask (SDPA: tokens x tokens, one for all layers)" in capsys.readouterr().out
+    assert main(["plan", "--preset", "smoke"]) == 0  # 60 steps see 480 of 62,135 pairs: train keeps the reference
+    out = capsys.readouterr().out  # (train.choose_reference_pass; without the data, the larger case)
+    assert "precomputed reference off" in out and re.search(r"reference model +1\.84 GiB", out)
     assert main(["plan", "--preset", "lora"]) == 0
     assert "compiled layers off" in capsys.readouterr().out  # not measured with LoRA: train leaves it off
     assert main(["plan", "--preset", "full", "--gpu_memory_gib", "80"]) == 0
@@ -214,11 +218,63 @@ def test_plan_command_for_the_full_preset(capsys):
     assert "No config for 'someone/unknown-model'" in capsys.readouterr().err
 
 
+def test_plan_command_plans_for_the_data_at_hand(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
+    """With the data and tokenizer at hand, `dpolab plan` plans for the largest micro-batch of the run's data, not
+    every sequence max_length long, and recommends what `dpolab train` (fit_to_memory) then chooses on a card of that
+    size. Every pair here is the same, so each micro-batch of b pairs holds b x (prompt + chosen + rejected) tokens,
+    the packed row rounded up to 64 (compiled layers)."""
+    import torch
+
+    from dpolab.cli import main
+    from dpolab.config import parse_train_args
+    from dpolab.models import load_tokenizer
+    from dpolab.train import check_tokens, fit_to_memory, load_train_eval
+
+    prompt = [{"role": "user", "content": "What is 12 + 30?"}]
+    chosen, rejected = [{"role": "assistant", "content": "42."}], [{"role": "assistant", "content": "43, I think."}]
+    data = write_jsonl(tmp_path / "same.jsonl", [{"prompt": prompt, "chosen": chosen, "rejected": rejected}] * 16)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompt_tokens = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+    answers = [len(tokenizer.apply_chat_template(prompt + answer, tokenize=True)["input_ids"]) - prompt_tokens
+               for answer in (chosen, rejected)]  # fmt: skip
+    pair_tokens = prompt_tokens + sum(answers)
+    config_file = tiny_config(data, per_device_train_batch_size=8, max_length=128)
+
+    assert main(["plan", "--config", str(config_file), "--torch_compile", "true", "--gpu_memory_gib", "80"]) == 0
+    out = capsys.readouterr().out
+    tokens = -(-8 * pair_tokens // 64) * 64
+    assert f"micro-batch: {tokens:,} tokens, the largest a run of 3 steps is likely to meet" in out
+    assert "--per_device_train_batch_size 8 --gradient_accumulation_steps 1" in out and f", {tokens:,} tokens)" in out
+    assert "`dpolab train` chooses the same" in out and "precomputed reference on" in out  # 3 steps see 24 of 16
+
+    budget = (plan.CUDA_CONTEXT_BYTES + 3 * 2**20) / 2**30  # too small for 8 pairs at once (the test below)
+    argv = ["--config", str(config_file), "--torch_compile", "true", "--gpu_memory_gib", str(budget)]
+    assert main(["plan", *argv]) == 0
+    recommended = re.search(r"--per_device_train_batch_size (\d+) --gradient_accumulation_steps (\d+) "
+                            r"--activation_checkpointing (\w+)", capsys.readouterr().out).groups()  # fmt: skip
+    assert int(recommended[0]) < 8
+    config = parse_train_args(argv)
+    lengths = check_tokens(config, tokenizer, load_train_eval(config)[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a pretend H100 for fit_to_memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    chosen_setting = fit_to_memory(config, str(tiny_model_dir), lengths, 16)
+    assert recommended == (str(chosen_setting["per_device_train_batch_size"]),
+                           str(chosen_setting["gradient_accumulation_steps"]),
+                           str(chosen_setting["activation_checkpointing"]).lower())  # fmt: skip
+    monkeypatch.undo()  # this machine's torch again, to parse configs
+    missing = tmp_path / "nowhere.jsonl"
+    assert main(["plan", "--config", str(tiny_config(missing, per_device_train_batch_size=8, max_length=128))]) == 0
+    out = capsys.readouterr().out
+    assert f"micro-batch: {2 * 8 * 128:,} tokens, every sequence max_length long (the worst case): the data or " in out
+    assert "is not at hand here (" in out and "nowhere.jsonl" in out
+
+
 def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
     """fit_to_memory on a pretend card with 3 MiB beyond the CUDA context: the tiny model's 8 pairs do not fit in one
     micro-batch, so it splits them, keeping 8 pairs per optimizer step; it plans for the largest micro-batch of
     simulated runs as long as this one (3 steps; 3 epochs). On a GPU older than compute capability 8.0 the fast
-    path's SDPA mask is planned too."""
+    path's SDPA mask is planned too; with eager attention, TRL's padded rows (the fast path declines it)."""
     import torch
 
     from dpolab.config import parse_train_args
@@ -238,8 +294,11 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     drawn = []  # (pairs per micro-batch, micro-batches a simulated run draws)
     real_peak = plan.batch_token_peak
 
+    layouts = []  # packed (the fast path's rows) or not (TRL's padded rows)
+
     def peak_spy(pairs, batch, packed, micro_batches, **kwargs):
         drawn.append((batch, micro_batches))
+        layouts.append(packed)
         return real_peak(pairs, batch, packed, micro_batches, **kwargs)
 
     monkeypatch.setattr(plan, "batch_token_peak", peak_spy)
@@ -262,6 +321,11 @@ def test_train_fits_the_micro_batch_to_the_card(tmp_path, tiny_config, tiny_mode
     fit_to_memory(config, str(tiny_model_dir), lengths, 16)
     assert planned[-1].dense_mask is True
     assert (8, 6) in drawn and all(runs == -(-48 // batch) for batch, runs in drawn)
+    assert all(layouts)
+    layouts.clear()
+    config.model.attn_implementation = "eager"  # the fast path declines it (packing.unsupported_reason): TRL's rows
+    fit_to_memory(config, str(tiny_model_dir), lengths, 16)
+    assert layouts and not any(layouts) and planned[-1].dense_mask is False
 
 
 def train_out_of_memory(tmp_path, tiny_config, capsys, *argv, pairs=8, **overrides) -> str:

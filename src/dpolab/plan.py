@@ -2,9 +2,9 @@
 
 The arithmetic (`estimate`, `fit`) is pure: the model's shape, the run's settings and how many tokens a
 micro-batch holds. TRL's padded batches hold 2 x batch x (longest sequence) tokens; dpolab's packed batches
-hold the pairs' real tokens with each prompt once. `dpolab plan` plans for the worst case (every sequence
-max_length long); `dpolab train` (fit_to_memory) plans for the largest micro-batch the run is likely to meet
-(`batch_token_peak`: 20 runs of as many micro-batches, simulated on its data).
+hold the pairs' real tokens with each prompt once. `dpolab plan` and `dpolab train` (fit_to_memory) plan for the
+largest micro-batch the run is likely to meet (`batch_token_peak`: 20 runs of as many micro-batches, simulated on
+its data); `dpolab plan` without the data at hand, for the worst case (every sequence max_length long).
 
 What the estimate counts at the peak (the start of the backward pass, when every activation is still alive): the
 weights, their bf16 copies under autocast, AdamW's two states, the gradients (all of them when gradient accumulation
@@ -309,29 +309,46 @@ def model_shape(name: str) -> ModelShape:
 
 
 def run(config: PlanConfig) -> int:
-    name = config.train.model.model_name_or_path
+    from dpolab.train import choose_reference_pass, compile_off_reason, micro_batch_token_peaks, planned_steps
+
+    train, name = config.train, config.train.model.model_name_or_path
     if not name:
         raise DpolabError("Which model? Give --model_name_or_path, a --preset or a --config.")
     model = model_shape(name)
-    # on the card FlexAttention, unless another attention is given (train.attention_implementation)
-    shape = run_shape(config.train, config.train.model.attn_implementation or "flex_attention")
-    # planned for the card: float32 weights train under bf16 autocast there (this machine may say otherwise), and
-    # the fast path compiles its layers there unless torch_compile was given (train.choose_torch_compile)
-    from dpolab.train import compile_off_reason
-
-    compiled = shape.compiled if "torch_compile" in config.train.given else compile_off_reason(config.train) is None
-    shape = replace(shape, autocast=shape.autocast or config.train.model.dtype == "float32", compiled=compiled)
+    print(f"{name}: {model.params / 1e6:.0f}M parameters, vocabulary {model.vocab:,}, {model.layers} layers")
+    data, missing = run_data(train)
+    # on the card FlexAttention, unless another attention is given (train.attention_implementation), and compiled
+    # layers for the fast path unless torch_compile was given (train.choose_torch_compile)
+    attention = train.model.attn_implementation or "flex_attention"
+    compiled = (
+        bool(train.training.torch_compile) if "torch_compile" in train.given else compile_off_reason(train) is None
+    )
+    tokens_for_batch = None
+    if data is not None:
+        lengths, pairs = data
+        choose_reference_pass(train, pairs)
+        tokens_for_batch = micro_batch_token_peaks(train, lengths, pairs, attention, compiled)
+        tokens_from = (f"the largest a run of {planned_steps(train.training, pairs):,} steps is likely to meet, "
+                       f"simulated on the token lengths of {len(lengths.prompt):,} of the {pairs:,} train pairs (as "
+                       "`dpolab train` plans)")  # fmt: skip
+    else:
+        tokens_from = f"every sequence max_length long (the worst case): {missing}"
+        if "precompute_ref_log_probs" not in train.given and train.training.max_steps > 0:
+            train.training.precompute_ref_log_probs = False  # train's rule needs the data's size: the larger case
+    shape = run_shape(train, attention)
+    # float32 weights train under bf16 autocast on the card (this machine may say otherwise)
+    shape = replace(shape, autocast=shape.autocast or train.model.dtype == "float32", compiled=compiled)
+    shape = replace(shape, tokens=tokens_for_batch(shape.batch) if tokens_for_batch else None)
     budget = int(config.gpu_memory_gib * GIB)
     components = estimate(model, shape)
-    print(f"{name}: {model.params / 1e6:.0f}M parameters, vocabulary {model.vocab:,}, {model.layers} layers")
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731
     print(f"settings: batch {shape.batch} x accumulation {shape.accumulation}, max_length "
-          f"{shape.max_length}, {config.train.model.dtype} weights (bf16 autocast {on_off(shape.autocast)}), "
+          f"{shape.max_length}, {train.model.dtype} weights (bf16 autocast {on_off(shape.autocast)}), "
           f"checkpointing {on_off(shape.checkpointing)}, LoRA {on_off(shape.peft)}, precomputed reference "
-          f"{on_off(shape.precompute_ref)}, compiled layers {on_off(shape.compiled)}; worst case: every sequence "
-          "max_length long")  # fmt: skip
+          f"{on_off(shape.precompute_ref)}, compiled layers {on_off(shape.compiled)}")  # fmt: skip
+    print(f"micro-batch: {shape.micro_batch_tokens:,} tokens, {tokens_from}")
     print(format_components(components))
-    mode = config.train.training.torch_compile_mode
+    mode = train.training.torch_compile_mode
     if shape.compiled and mode:
         from dpolab.packing import records_cuda_graphs  # imports torch: only where a mode is set
 
@@ -343,18 +360,41 @@ def run(config: PlanConfig) -> int:
     print(f"  {'allocator slack and CUDA context':<58}{(total - allocated) / GIB:>8.2f} GiB")
     print(f"  {'estimated peak reserved':<58}{total / GIB:>8.2f} GiB  -> "
           f"{'fits' if total <= budget else 'does NOT fit'} {config.gpu_memory_gib:g} GiB")  # fmt: skip
-    best = fit(model, shape, budget)
+    best = fit(model, shape, budget, tokens_for_batch)
     if best is None:
         print(f"\nNothing fits {config.gpu_memory_gib:g} GiB at max_length {shape.max_length}: try use_peft true, "
               "a shorter max_length, or fewer pairs per optimizer step.")  # fmt: skip
         return 1
+    tokens = f", {best.tokens:,} tokens" if best.tokens else ""
     print(f"\nrecommended for {config.gpu_memory_gib:g} GiB (same global batch {best.batch * best.accumulation}): "
           f"--per_device_train_batch_size {best.batch} --gradient_accumulation_steps {best.accumulation} "
           f"--activation_checkpointing {str(best.checkpointing).lower()}   "
-          f"(~{peak_reserved(model, best) / GIB:.1f} GiB)")  # fmt: skip
-    print("`dpolab train` makes this choice itself (fit_to_memory), for the largest micro-batch its data is likely to "
-          "give in a run of its length.")  # fmt: skip
+          f"(~{peak_reserved(model, best) / GIB:.1f} GiB{tokens})")  # fmt: skip
+    if tokens_for_batch:
+        print("`dpolab train` chooses the same on a card with this much memory (fit_to_memory, --gpu_memory_gib).")
+    else:
+        print("`dpolab train` makes this choice itself (fit_to_memory), for the largest micro-batch its data is "
+              "likely to give in a run of its length, which is smaller than this worst case: it often fits more "
+              "pairs per micro-batch.")  # fmt: skip
     return 0
+
+
+def run_data(train) -> tuple[tuple[object, int] | None, str | None]:
+    """((the token lengths of a sample of the run's train pairs, how many pairs), None), read as `dpolab train`
+    reads them; (None, why) when the data or its tokenizer is not at hand here."""
+    if not train.script.dataset_name:
+        return None, "no dataset_name to plan for"
+    from dpolab.train import check_tokens, load_train_eval, locate_model
+
+    try:
+        _, tokenizer = locate_model(train)
+        print(f"Reading {train.script.dataset_name} to plan for its token lengths", flush=True)
+        train_pairs, _ = load_train_eval(train)
+        lengths = check_tokens(train, tokenizer, train_pairs)
+    except DpolabError as error:
+        reason = str(error).splitlines()[0].split(". ")[0]  # its first sentence: what is missing
+        return None, f"the data or its tokenizer is not at hand here ({reason})"
+    return (lengths, len(train_pairs.dataset)), None
 
 
 def format_components(components: dict[str, int]) -> str:

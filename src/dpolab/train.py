@@ -215,9 +215,8 @@ def choose_torch_compile(config: TrainConfig) -> None:
 
 def fit_to_memory(config: TrainConfig, model_path: str, lengths, train_pairs: int) -> dict | None:
     """On a GPU: the micro-batch and activation checkpointing that fit the card (`plan.fit`), keeping the global
-    batch, for the largest micro-batch the run is likely to meet: its memory peaks in that one micro-batch, which
-    in a whole epoch is well above the typical one (`plan.batch_token_peak`). Sets them in the config and says what
-    it chose."""
+    batch, for the largest micro-batch the run is likely to meet (`micro_batch_token_peaks`). Sets them in the config
+    and says what it chose."""
     import torch
 
     from dpolab import packing, plan
@@ -230,19 +229,9 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths, train_pairs: in
         return None
     free, _ = torch.cuda.mem_get_info()
     budget = int(script.gpu_memory_gib * plan.GIB) if script.gpu_memory_gib else free
-    scored = lengths.scored(training.max_length)
-    packed = script.fast_path and training.truncation_mode == "keep_start"
-    multiple = packing.row_multiple(training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of)
-    model = plan.model_shape(model_path)
-    shape = plan.run_shape(config, attention_implementation(config) or "sdpa")  # None: transformers' default, SDPA
-    pairs_seen = planned_steps(training, train_pairs) * pairs_per_step(training)
-
-    @functools.cache
-    def tokens_for_batch(batch: int) -> int:
-        return plan.batch_token_peak(
-            scored, batch, packed, micro_batches=-(-pairs_seen // batch), row_multiple=multiple
-        )
-
+    attention = attention_implementation(config) or "sdpa"  # None: transformers' default, SDPA
+    model, shape = plan.model_shape(model_path), plan.run_shape(config, attention)
+    tokens_for_batch = micro_batch_token_peaks(config, lengths, train_pairs, attention, shape.compiled)
     chosen = plan.fit(model, shape, budget, tokens_for_batch)
     if chosen is None:
         raise DpolabError(
@@ -265,6 +254,28 @@ def fit_to_memory(config: TrainConfig, model_path: str, lengths, train_pairs: in
     return {"per_device_train_batch_size": chosen.batch, "gradient_accumulation_steps": chosen.accumulation,
             "activation_checkpointing": chosen.checkpointing, "planned_peak_gib": round(estimate / plan.GIB, 2),
             "budget_gib": round(budget / plan.GIB, 2), "micro_batch_tokens": chosen.tokens}  # fmt: skip
+
+
+def micro_batch_token_peaks(config: TrainConfig, lengths, train_pairs: int, attention: str, compiled: bool):
+    """batch -> tokens in the largest micro-batch of that many pairs this run is likely to meet (cached): its memory
+    peaks in that one micro-batch, which in a whole epoch is well above the typical one (`plan.batch_token_peak`,
+    over as many micro-batches as the run draws). Packed rows as the fast path lays them out with `attention`, else
+    TRL's padded rows. `fit_to_memory` and `dpolab plan` plan for it."""
+    from dpolab import packing, plan
+
+    training = config.training
+    packed = config.script.fast_path and training.truncation_mode == "keep_start"
+    packed = packed and attention in packing.SUPPORTED_ATTENTION  # else TRL's padded rows (packing.unsupported_reason)
+    multiple = packing.row_multiple(compiled, training.torch_compile_mode, training.pad_to_multiple_of)
+    pairs_seen = planned_steps(training, train_pairs) * pairs_per_step(training)
+    scored = lengths.scored(training.max_length)
+
+    @functools.cache
+    def tokens_for_batch(batch: int) -> int:
+        micro_batches = -(-pairs_seen // batch)
+        return plan.batch_token_peak(scored, batch, packed, micro_batches=micro_batches, row_multiple=multiple)
+
+    return tokens_for_batch
 
 
 def provenance(config: TrainConfig, model_path: str, train_pairs, eval_pairs) -> dict:
