@@ -32,11 +32,14 @@ python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
 # The issue's side by side first (~3 minutes on an H100), then FlexAttention alone (why its kernels took 17 ms a
 # step; its variants stop starting after 2 minutes), then the lever that may reach 35% MFU (CUDA graphs over the
 # whole backbone: compiling it may take minutes, so it goes last of the three, with the call's remaining time),
-# then the full preset's memory (measured before at 22.82 GiB, eager), then the gains' attribution.
+# then the full preset's memory (measured before at 22.82 GiB, eager), then the whole run with FlashAttention's varlen
+# kernel instead of FlexAttention (its kernel alone is the flex-attention row's second variant), then the gains'
+# attribution.
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,flex-attention,dpolab-fast-compile-backbone-cudagraphs,cli-full,\
-dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
-dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-log10,\
-dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,dpolab-fast-sdpa}
+dpolab-fast-compile-varlen,dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,\
+dpolab-fast-compile-host-waits,dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,\
+dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,\
+dpolab-fast-sdpa}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $PROFILE_FLAG --out "$OUT" --work /tmp/bench-work \

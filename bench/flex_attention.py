@@ -14,6 +14,10 @@ compiled as the compiled layer runs it, and variants that say where the time goe
   mask, under `torch.compile(dynamic=True)`: what each compiled decoder layer runs;
 - `... static`: the same compiled for this row's length only; `... forward tiles 64 x 64`: the forward kernel with
   query tiles of 64 rather than its default (twice the programs in a grid of ~550, each with a short loop);
+- `varlen_attn`: no FlexAttention at all: PyTorch's FlashAttention kernel for variable-length sequences, each pair
+  computed as two sequences (prompt + chosen; the rejected answer over the prompt's keys read again), K/V grouped as
+  they are (`packing.varlen_attention`, `--attn_implementation varlen_attn`); its output against the first variant's
+  is the GPU's check of that layout and of the kernel's bottom-right causal mask;
 - `grouped K/V`: `flex_attention(..., enable_gqa=True)` on the 2 K/V heads (the bench's GQA rows);
 - `causal mask` and `no mask`: the same call with `create_block_mask`'s causal mask and with none (every key block):
   the time a mask with no pair structure, and one with no sparsity, costs;
@@ -61,8 +65,12 @@ def packed_row(device: str, scale: int):
         room = 1024 // scale - prompt
         examples.append({"prompt_ids": [5] * prompt, "chosen_ids": [6] * min(length(35, 740) + 3, room),
                          "rejected_ids": [7] * min(length(35, 740) + 3, room)})  # fmt: skip
-    batch = packing.pack_batch(examples, 1024 // scale, 0)
-    return batch["packed_pair"][0].to(device), batch["packed_segment"][0].to(device)
+    batch = {
+        key: value.to(device) for key, value in packing.pack_batch(examples, 1024 // scale, 0, varlen=True).items()
+    }
+    sequences = packing.VarlenRow(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"],
+                                  *batch["packed_max_lengths"].shape[:2])  # fmt: skip
+    return batch["packed_pair"][0], batch["packed_segment"][0], sequences
 
 
 SAME_ATTENTION = ("dpolab", "dpolab int32", "dpolab code")  # masks of one rule: their outputs are compared
@@ -103,13 +111,20 @@ def visited_blocks(block_mask, length: int) -> int:
     return int(block_mask.kv_num_blocks.sum()) + int(block_mask.full_kv_num_blocks.sum())
 
 
-def variants(backend: str) -> dict:
-    """name -> (attention function (q, k, v, block_mask) -> output, mask name), each compiled as named."""
+def variants(backend: str, sequences) -> dict:
+    """name -> (attention function (q, k, v, block_mask) -> output, mask name), each compiled as named; `sequences`:
+    the row as `varlen_attn` computes it (packing.varlen_layout)."""
     import torch
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations.flex_attention import flex_attention_forward
 
+    from dpolab import packing
+
     layer = types.SimpleNamespace(training=True)
+    packing.register_varlen_attention()
+
+    def varlen(query, key, value, block_mask):  # FlashAttention's kernel on the row's sequences: no mask, no compile
+        return packing.varlen_attention(layer, query, key, value, None, HEAD_DIM**-0.5, packed_varlen=sequences)[0]
 
     def as_transformers_calls(query, key, value, block_mask):  # K/V with 2 heads in: it repeats them to 14
         return flex_attention_forward(layer, query, key, value, block_mask, scaling=HEAD_DIM**-0.5)[0]
@@ -129,6 +144,7 @@ def variants(backend: str) -> dict:
     transformers_calls = compiled(as_transformers_calls, True)  # one compiled function: reset between variants
     return {
         "transformers, dpolab mask, dynamic (the compiled layer's)": (transformers_calls, "dpolab"),
+        "varlen_attn (FlashAttention), the row as its sequences": (varlen, "dpolab"),
         "transformers, no mask, dynamic": (transformers_calls, "none"),
         "transformers, dpolab blocks, causal rule, dynamic": (transformers_calls, "dpolab blocks, causal rule"),
         "transformers, dpolab mask, one int32 code, dynamic": (transformers_calls, "dpolab code"),
@@ -187,7 +203,7 @@ def measure(device: str, budget_s: float | None = None) -> dict:
     scale = 1 if device == "cuda" else 8
     backend = "inductor" if device == "cuda" else "aot_eager"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pair, segment = packed_row(device, scale)
+    pair, segment, sequences = packed_row(device, scale)
     length = pair.numel()
     generator = torch.Generator(device).manual_seed(SEED)
 
@@ -198,7 +214,7 @@ def measure(device: str, budget_s: float | None = None) -> dict:
     inputs = (tensor(HEADS), tensor(KV_HEADS), tensor(KV_HEADS))
     built = masks(pair, segment)
     results, first, started = [], None, time.perf_counter()
-    for name, (function, mask_name) in variants(backend).items():
+    for name, (function, mask_name) in variants(backend, sequences).items():
         torch._dynamo.reset()  # the variants share code objects: each compiles afresh, as named
         visited = visited_blocks(built[mask_name], length)
         result = {"variant": name, "visited_blocks": visited}

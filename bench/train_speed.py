@@ -59,7 +59,7 @@ OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
                  "dpolab-fast-compile-gqa", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
                  "flex-attention", "trl-bf16-precompute", "dpolab-fast-liger",
-                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan")  # fmt: skip
+                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan", "dpolab-fast-compile-varlen")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 # the flex-attention row starts no variant after this many seconds (each compiles its kernels): it runs before the
 # CUDA-graph row in bench/device.sh, whose whole-backbone compile needs the call's time after it
@@ -90,6 +90,8 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-compile-backbone-cudagraphs": CUDA_GRAPHS,
     "dpolab-fast-compile-backbone-cudagraphs-gqa": CUDA_GRAPHS,  # + GQA_ROWS: both levers at once
     "dpolab-fast-compile-gqa": {"torch_compile": True},  # + FlexAttention with grouped K/V (gqa_flex_attention)
+    # no FlexAttention: FlashAttention's varlen kernel, each pair as two sequences (packing.varlen_attention)
+    "dpolab-fast-compile-varlen": {"torch_compile": True, "attn_implementation": "varlen_attn"},
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},

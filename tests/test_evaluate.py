@@ -196,6 +196,26 @@ def test_eval_out_of_memory_names_a_smaller_batch_and_writes_nothing(tmp_path, t
     assert not output.exists()
 
 
+def test_eval_with_varlen_attention_scores_as_sdpa_and_needs_the_fast_path(tmp_path, tiny_model_dir, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    write_jsonl(tmp_path / "d" / "test.jsonl", rows_in_format("implicit", 6))
+    model = str(tiny_model_dir)
+    argv = ["eval", "--model", model, "--ref", model, "--data", str(tmp_path / "d"), "--beta", "0.1"]
+    chosen_logps = {}
+    for attention in ("sdpa", "varlen_attn"):
+        output = tmp_path / attention
+        monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / f"cache-{attention}"))  # each scores, none reads the other
+        assert main([*argv, "--attn_implementation", attention, "--output_dir", str(output)]) == 0
+        chosen_logps[attention] = [row["policy_chosen_logps"] for row in eval_outputs(output)[1]]
+    assert chosen_logps["varlen_attn"] == pytest.approx(chosen_logps["sdpa"], abs=1e-5) and chosen_logps["sdpa"][0] != 0
+    refused = tmp_path / "refused"
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache-refused"))
+    assert main([*argv, "--attn_implementation", "varlen_attn", "--fast_path", "false", "--output_dir",
+                 str(refused)]) == 2  # fmt: skip
+    assert "attn_implementation varlen_attn computes only the fast path's packed rows" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_policy_and_reference_tokenizers_must_match(tmp_path, tiny_config, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -108,6 +108,54 @@ def test_mask_by_hand():
     ]
 
 
+def test_varlen_sequences_by_hand():
+    """The layout of test_layout_by_hand as FlashAttention's varlen sequences: per pair, prompt + chosen, then the
+    rejected answer reading the prompt's keys again; then the padding."""
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]},
+        {"prompt_ids": [6], "chosen_ids": [7], "rejected_ids": [8, 9, 10]},
+    ]
+    batch = packing.pack_batch(examples, max_length=4, pad_token_id=0, row_multiple=16, varlen=True)
+    # row positions: 0-1 prompt_1, 2-3 chosen_1, 4 rejected_1, 5 prompt_2, 6 chosen_2, 7-9 rejected_2, 10-15 padding
+    assert batch["packed_cu_seq_q"].tolist() == [0, 4, 5, 7, 10, 16]  # [0-3] [4] [5-6] [7-9] [10-15]
+    assert batch["packed_kv_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 5, 7, 8, 9, *range(10, 16)]
+    assert batch["packed_cu_seq_k"].tolist() == [0, 4, 7, 9, 13, 19]
+    assert batch["packed_max_lengths"].shape == (6, 6, 0)  # the longest queries and keys: the padding's
+    assert batch["packed_cu_seq_q"].dtype == batch["packed_cu_seq_k"].dtype == torch.int32
+    assert not set(packing.VARLEN_KEYS) & set(packing.pack_batch(examples, 4, 0))  # only where asked for
+    empty = packing.pack_batch([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": []}], None, 0, 1, True)
+    assert empty["packed_cu_seq_q"].tolist() == [0, 4]  # an empty answer has no queries: no sequence
+    assert empty["packed_kv_index"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_varlen_attention_computes_what_the_packed_rows_mask_allows(seed):
+    """`varlen_attention` over `varlen_layout`'s sequences (the CPU's reference of FlashAttention's kernel) against
+    SDPA with the dense mask of `allowed`, on random packings with grouped K/V (4 query heads per K/V head),
+    truncated answers and answers truncated to nothing, outputs and gradients."""
+    rng = random.Random(seed)
+    examples = [{key: [1] * rng.randint(lowest, most) for key, lowest, most in
+                 zip(("prompt_ids", "chosen_ids", "rejected_ids"), (1, 0, 0), (30, 40, 40))}
+                for _ in range(5)]  # fmt: skip
+    batch = packing.pack_batch(examples, max_length=rng.choice([None, 35]), pad_token_id=0, row_multiple=16,
+                               varlen=True)  # fmt: skip
+    length = batch["packed_input_ids"].size(1)
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 8, length, 16, generator=generator, requires_grad=True)
+    key, value = (torch.randn(1, 2, length, 16, generator=generator, requires_grad=True) for _ in "kv")
+    mask = packing.dense_mask(batch["packed_pair"][0], batch["packed_segment"][0])
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25,
+                                                                enable_gqa=True).transpose(1, 2)  # fmt: skip
+    row = packing.VarlenRow(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"],
+                            *batch["packed_max_lengths"].shape[:2])  # fmt: skip
+    got, _ = packing.varlen_attention(None, query, key, value, None, scaling=0.25, packed_varlen=row)
+    assert got.shape == expected.shape == (1, length, 8, 16)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0), (got - expected).abs().max()
+    gradients = [torch.autograd.grad(out.square().sum(), (query, key, value)) for out in (got, expected)]
+    for ours, theirs in zip(*gradients):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()  # sums of ~10
+
+
 def test_flex_block_mask_follows_the_same_rule():
     batch = packing.pack_batch(
         [{"prompt_ids": list(range(1, 40)), "chosen_ids": list(range(50)), "rejected_ids": list(range(70))}] * 3,
@@ -252,6 +300,40 @@ def test_flex_attention_scores_equal_trls_padded_ones(tmp_path, tiny_model_dir):
     packing.install(trainer.model)
     got = per_token_logps(trainer, packing.pack_batch(examples, 48, tokenizer.pad_token_id))
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("fmt, max_length", [("messages", 256), ("implicit", 28)], ids=["messages", "truncated"])
+def test_varlen_attention_log_probs_and_gradients_equal_trls_padded_ones(tmp_path, tiny_model_dir, fmt, max_length):
+    """`--attn_implementation varlen_attn` (FlashAttention's varlen kernel on a GPU; on the CPU its reference, one
+    SDPA call per sequence): per-token log-probs, in two pair orders, and the DPO loss's gradients equal TRL's padded
+    path's."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trainer, tokenizer = trainer_on(tmp_path, tiny_model_dir, fmt, max_length, attn="sdpa", count=8)
+    examples = [dict(example) for example in trainer.train_dataset]
+    padded = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)(examples)
+    expected = per_token_logps(trainer, padded)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, padded).backward()
+    expected_gradients = [parameter.grad.clone() for parameter in trainer.model.parameters()]
+    trainer.model.zero_grad()
+    packing.register_varlen_attention()
+    trainer.model.config._attn_implementation = packing.VARLEN_ATTENTION
+    packing.install(trainer.model)
+    for order in (list(range(len(examples))), list(reversed(range(len(examples))))):  # other neighbours
+        batch = packing.pack_batch([examples[i] for i in order], max_length, tokenizer.pad_token_id, varlen=True)
+        got = per_token_logps(trainer, batch)
+        rows = order + [len(examples) + i for i in order]
+        assert torch.allclose(got, expected[rows], atol=TOLERANCE, rtol=0), (got - expected[rows]).abs().max()
+    packed = packing.pack_batch(examples, max_length, tokenizer.pad_token_id, varlen=True)
+    trainer.compute_loss(trainer.model, packed).backward()
+    assert (
+        max(
+            (parameter.grad - expected_gradient).abs().max().item()
+            for parameter, expected_gradient in zip(trainer.model.parameters(), expected_gradients)
+        )
+        < 1e-6
+    )
 
 
 def test_the_answer_head_computes_every_output_and_gradient_of_trls_head_without_host_waits(tmp_path, tiny_model_dir):
@@ -423,6 +505,33 @@ def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, ov
                     "mean_token_accuracy", "num_tokens"):  # fmt: skip
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
     assert fast[-1]["rewards/margins"] != fast[0]["rewards/margins"]  # it learned
+
+
+def test_a_varlen_run_logs_the_losses_of_trls_padded_run_and_needs_the_fast_path(tmp_path, tiny_config, capsys):
+    """`dpolab train --attn_implementation varlen_attn` (the reference in each step, its own model with SDPA, as TRL
+    loads it) logs TRL's padded run's losses; without the fast path, or with CUDA graphs, it is refused before anything
+    is written."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 16))
+    config = str(tiny_config(data, max_steps=3, learning_rate=5e-3, train_sampling_strategy="sequential",
+                             precompute_ref_log_probs=False))  # fmt: skip
+    assert main(["train", "--config", config, "--run_name", "varlen", "--attn_implementation", "varlen_attn"]) == 0
+    assert "Fast path: pairs packed with their prompt shared (varlen_attn attention)" in capsys.readouterr().out
+    assert main(["train", "--config", config, "--run_name", "padded", "--fast_path", "false"]) == 0
+    varlen, padded = losses(tmp_path / "runs" / "varlen"), losses(tmp_path / "runs" / "padded")
+    assert len(varlen) == len(padded) == 3
+    for a, b in zip(varlen, padded, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "entropy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+    refused = ["--run_name", "refused", "--attn_implementation", "varlen_attn", "--fast_path", "false"]
+    assert main(["train", "--config", config, *refused]) == 2
+    assert "attn_implementation varlen_attn computes only the fast path's packed rows, and the fast path is off " \
+           "here (fast_path is false): use sdpa or flex_attention." in capsys.readouterr().err  # fmt: skip
+    assert not (tmp_path / "runs" / "refused").exists()
+    graphs = ["--run_name", "graphs", "--attn_implementation", "varlen_attn", "--torch_compile", "true",
+              "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
+    assert main(["train", "--config", config, *graphs]) == 2
+    assert "CUDA graphs would be recorded again for nearly every batch" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "graphs").exists()
 
 
 def test_the_fast_path_says_why_it_is_off(tmp_path, tiny_config, capsys):

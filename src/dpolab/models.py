@@ -161,9 +161,13 @@ def load_scoring_model(path: str, dtype: str | None, trust_remote_code: bool = F
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    from dpolab import packing
+
     kwargs = dict(
         dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
     )
+    if attn_implementation == packing.VARLEN_ATTENTION:
+        packing.register_varlen_attention()
     if is_adapter(path):
         from peft import PeftModel
 

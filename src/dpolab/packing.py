@@ -16,9 +16,10 @@ on-disk cache, the same cache `dpolab eval` and `sweep` read; with them, that tr
 metrics without reading device values back in every step (`loss_without_waits`).
 
 Masks: FlexAttention (a BlockMask: fully masked 128x128 blocks are skipped) or SDPA (one dense additive mask for
-every layer). Other attention implementations keep TRL's padded path (eager attention too: its scores on a packed
-row grow with the square of the batch). With TRL's `torch_compile`, the decoder layers are compiled in place
-(`compile_layers`).
+every layer); or no mask at all with `varlen_attn`, PyTorch's FlashAttention over variable-length sequences, each pair
+computed as two (`varlen_layout`). Other attention implementations keep TRL's padded path (eager attention too: its
+scores on a packed row grow with the square of the batch). With TRL's `torch_compile`, the decoder layers are
+compiled in place (`compile_layers`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -40,7 +42,11 @@ ROW_MULTIPLE = 64  # the packed row's length is rounded up to this: fewer distin
 # torch.compile modes that record CUDA graphs, one per row length: rows rounded to this, fewer lengths to record
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CUDA_GRAPH_ROW_MULTIPLE = 512
-SUPPORTED_ATTENTION = ("sdpa", "flex_attention")
+# PyTorch's FlashAttention over variable-length sequences (torch.nn.attention.varlen), registered with transformers
+# under this name (`register_varlen_attention`)
+VARLEN_ATTENTION = "varlen_attn"
+SUPPORTED_ATTENTION = ("sdpa", "flex_attention", VARLEN_ATTENTION)
+VARLEN_KEYS = ("packed_kv_index", "packed_cu_seq_q", "packed_cu_seq_k", "packed_max_lengths")  # `varlen_layout`
 
 
 # --- layout (pure) ------------------------------------------------------------------------------------------------
@@ -77,7 +83,11 @@ def row_lengths_at_most(pairs_per_row: int, max_length: int | None, multiple: in
 
 
 def pack_batch(
-    examples: list[dict], max_length: int | None, pad_token_id: int, row_multiple: int = ROW_MULTIPLE
+    examples: list[dict],
+    max_length: int | None,
+    pad_token_id: int,
+    row_multiple: int = ROW_MULTIPLE,
+    varlen: bool = False,
 ) -> dict[str, torch.Tensor]:
     """TRL's padded tensors for a batch plus the packed row the fast path computes on.
 
@@ -87,7 +97,7 @@ def pack_batch(
     for padding), and for each answer token TRL's LM head scores (N in all): packed_answer_index, the packed
     position whose hidden state predicts it, packed_answer_labels, its id, and packed_answer_slot, where TRL's
     head puts its log-prob in the flattened [2B, L - 1] layout. `ref_chosen_logps`/`ref_rejected_logps` pass
-    through when the examples carry them.
+    through when the examples carry them. With `varlen`, also `varlen_layout`'s tensors (VARLEN_KEYS).
     """
     tokens, positions, pairs, segments = [], [], [], []
     spans = [[], []]  # [chosen rows, rejected rows]: (prompt start, prompt length, answer start, answer length)
@@ -142,10 +152,51 @@ def pack_batch(
         "packed_answer_labels": input_ids[:, 1:].flatten()[answer_slot],
         "packed_answer_slot": answer_slot,
     }
+    if varlen:
+        batch.update(varlen_layout(spans[0], spans[1], len(tokens), length))
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in examples[0]:
             batch[key] = torch.tensor([example[key] for example in examples])
     return batch
+
+
+def varlen_layout(chosen_spans, rejected_spans, used: int, length: int) -> dict[str, torch.Tensor]:
+    """A packed row as the sequences FlashAttention's varlen kernel computes (`varlen_attention`): for each pair,
+    prompt + chosen attending to themselves, then the rejected answer attending to the prompt and itself; then the
+    row's padding, to itself. Each sequence's queries are its own positions of the row, in order; its keys are
+    gathered (`packed_kv_index`), so a prompt's keys and values are read by both of its sequences. The kernel's causal
+    mask is aligned to the bottom right (a query sees every key up to its own position counted from the end), so a
+    rejected answer's first token sees the whole prompt and itself: what `allowed` lets it see.
+
+    chosen_spans, rejected_spans: (prompt start, prompt length, answer start, answer length) per pair, from
+    `pack_batch`; used: the row's tokens before its padding; length: the padded row's. Returns packed_kv_index [Tk]
+    (int64), packed_cu_seq_q and packed_cu_seq_k [S + 1] (int32, cumulative lengths), and packed_max_lengths, an
+    empty tensor of shape [longest queries, longest keys, 0]: the kernel takes both as ints, read off a shape without
+    waiting for the device."""
+    queries, keys = [], []  # lengths, and the row positions each sequence's keys are read from
+    for (start, prompt, chosen_start, chosen), (_, _, rejected_start, rejected) in zip(chosen_spans, rejected_spans):
+        queries.append(prompt + chosen)
+        keys.append(numpy.arange(start, chosen_start + chosen))
+        if rejected:  # an answer truncated to nothing has no queries: no sequence
+            queries.append(rejected)
+            keys.append(numpy.concatenate([numpy.arange(start, start + prompt),
+                                           numpy.arange(rejected_start, rejected_start + rejected)]))  # fmt: skip
+    if length > used:
+        queries.append(length - used)
+        keys.append(numpy.arange(used, length))
+    kept = [i for i, count in enumerate(queries) if count]
+    queries, keys = [queries[i] for i in kept], [keys[i] for i in kept]
+
+    def cumulative(counts: list[int]) -> torch.Tensor:
+        return torch.from_numpy(numpy.concatenate([[0], numpy.cumsum(counts)]).astype(numpy.int32))
+
+    key_lengths = [len(k) for k in keys]
+    return {
+        "packed_kv_index": torch.from_numpy(numpy.concatenate(keys).astype(numpy.int64)),
+        "packed_cu_seq_q": cumulative(queries),
+        "packed_cu_seq_k": cumulative(key_lengths),
+        "packed_max_lengths": torch.empty(max(queries), max(key_lengths), 0),
+    }
 
 
 def allowed(pair: torch.Tensor, segment: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -221,8 +272,92 @@ def block_mask(pair: torch.Tensor, segment: torch.Tensor, block: int = 128):
     )
 
 
+class VarlenRow(NamedTuple):
+    """A packed row's sequences for `varlen_attention` (see `varlen_layout`), on the device."""
+
+    kv_index: torch.Tensor
+    cu_seq_q: torch.Tensor
+    cu_seq_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_varlen=None,
+                     **kwargs):  # fmt: skip
+    """transformers' attention function for `varlen_attn`: query [1, H, T, D], key and value [1, H_kv, T, D] of a
+    packed row -> ([1, T, H, D], None). On CUDA, PyTorch's FlashAttention kernel for variable-length sequences
+    (`torch.nn.attention.varlen.varlen_attn`: no mask, no masked block visited, grouped K/V read as they are), in the
+    autocast dtype; elsewhere `varlen_attention_reference`, which computes the same."""
+    if packed_varlen is None:
+        raise ValueError(
+            f"{VARLEN_ATTENTION} computes only the fast path's packed rows (dpolab train or eval with "
+            "fast_path on); load the model with another attention implementation for anything else"
+        )
+    row = packed_varlen
+    query = query[0].transpose(0, 1)  # [T, H, D]
+    key = key[0].transpose(0, 1).index_select(0, row.kv_index)  # [Tk, H_kv, D]: the prompts' read twice
+    value = value[0].transpose(0, 1).index_select(0, row.kv_index)
+    if not query.is_cuda:
+        return varlen_attention_reference(query, key, value, row, scaling)[None], None
+    from torch.nn.attention.varlen import varlen_attn
+
+    # under autocast q and k arrive in float32 (the rotary embedding multiplies them in the residual's dtype)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{VARLEN_ATTENTION} (FlashAttention) computes in bf16 or fp16, not {dtype}: train with "
+                         "bf16 true (float32 weights under autocast) or bfloat16 weights")  # fmt: skip
+    gqa = {"enable_gqa": True} if VARLEN_TAKES_ENABLE_GQA and key.size(1) != query.size(1) else {}
+    output = varlen_attn(query.to(dtype), key.to(dtype), value.to(dtype), row.cu_seq_q, row.cu_seq_k, row.max_q,
+                         row.max_k, scale=scaling, window_size=(-1, 0), **gqa)  # (-1, 0): causal  # fmt: skip
+    return output[None], None
+
+
+def varlen_attention_reference(query, key, value, row: VarlenRow, scaling=None) -> torch.Tensor:
+    """What `varlen_attn` computes, one sequence at a time with SDPA: query [Tq, H, D], key and value [Tk, H_kv, D]
+    -> [Tq, H, D]; each sequence causal, aligned to the bottom right (flash-attention's rule where a sequence has
+    more keys than queries: query i of q sees keys up to i + k - q)."""
+    groups = query.size(1) // key.size(1)
+    bounds = zip(row.cu_seq_q[:-1].tolist(), row.cu_seq_q[1:].tolist(), row.cu_seq_k[:-1].tolist(),
+                 row.cu_seq_k[1:].tolist())  # fmt: skip
+    outputs = []
+    for q_start, q_end, k_start, k_end in bounds:
+        queries, keys = q_end - q_start, k_end - k_start
+        query_index = torch.arange(queries, device=query.device)[:, None]
+        sees = torch.arange(keys, device=query.device)[None] <= query_index + keys - queries
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[q_start:q_end].transpose(0, 1),
+                key[k_start:k_end].transpose(0, 1).repeat_interleave(groups, 0),
+                value[k_start:k_end].transpose(0, 1).repeat_interleave(groups, 0),
+                attn_mask=sees,
+                scale=scaling,
+            ).transpose(0, 1)
+        )
+    return torch.cat(outputs)
+
+
+# torch 2.12 and later take grouped K/V only with enable_gqa=True; torch 2.11's varlen_attn has no such argument and
+# hands grouped K/V to FlashAttention as they are (`register_varlen_attention` sets this)
+VARLEN_TAKES_ENABLE_GQA = False
+
+
+def register_varlen_attention() -> None:
+    """Make `varlen_attn` an attention implementation transformers loads models with (before `from_pretrained`)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    global VARLEN_TAKES_ENABLE_GQA
+    VARLEN_TAKES_ENABLE_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
 def attention_mask(implementation: str, pair: torch.Tensor, segment: torch.Tensor, backbone):
-    """The mask a packed row needs under the backbone's attention implementation (flex_attention or sdpa)."""
+    """The mask a packed row needs under the backbone's attention implementation (flex_attention or sdpa; None for
+    varlen_attn, whose sequences say what each token sees)."""
+    if implementation == VARLEN_ATTENTION:
+        return None
     if implementation == "flex_attention":
         return block_mask(pair, segment)
     mask = dense_mask(pair, segment)
@@ -272,6 +407,10 @@ def packed_backbone_forward(original_forward, attention_implementation: str):
                 packed_gather_index=None, **kwargs):  # fmt: skip
         if packed_input_ids is None:
             return original_forward(self, *args, **kwargs)
+        varlen = [kwargs.pop(name, None) for name in VARLEN_KEYS]
+        if attention_implementation == VARLEN_ATTENTION:  # on to every layer's `varlen_attention`
+            kv_index, cu_seq_q, cu_seq_k, max_lengths = varlen
+            kwargs["packed_varlen"] = VarlenRow(kv_index, cu_seq_q, cu_seq_k, *max_lengths.shape[:2])
         # TRL's padded layout is not computed; the answer positions are for dpolab's LM head, when TRL's runs
         for unused in ("input_ids", "attention_mask", "position_ids", *ANSWER_KEYS):
             kwargs.pop(unused, None)
@@ -395,9 +534,10 @@ class PackedCollator:
     pad_token_id: int
     max_length: int | None
     row_multiple: int = ROW_MULTIPLE
+    varlen: bool = False  # the model's attention is varlen_attn: its sequences too (`varlen_layout`)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_batch(examples, self.max_length, self.pad_token_id, self.row_multiple)
+        return pack_batch(examples, self.max_length, self.pad_token_id, self.row_multiple, self.varlen)
 
 
 # --- torch.compile of the decoder layers --------------------------------------------------------------------------

@@ -359,8 +359,12 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     warn_lost_updates(model, config)
     pad_token_id = models.pad_token_id(tokenizer)
     collator, trainer_args = None, training
+    attention = model.config._attn_implementation
+    fast = config.script.fast_path
+    reason = packing.unsupported_reason(model.config, training.truncation_mode) if fast else "fast_path is false"
+    if attention == packing.VARLEN_ATTENTION:
+        check_varlen_settings(reason, training)
     if config.script.fast_path:
-        reason = packing.unsupported_reason(model.config, training.truncation_mode)
         if reason is None:
             packing.install(model)
             collator = packing.PackedCollator(
@@ -368,8 +372,9 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
                 row_multiple=packing.row_multiple(
                     training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of
                 ),
+                varlen=attention == packing.VARLEN_ATTENTION,
             )  # fmt: skip
-            print(f"Fast path: pairs packed with their prompt shared ({model.config._attn_implementation} attention)")
+            print(f"Fast path: pairs packed with their prompt shared ({attention} attention)")
             if training.torch_compile:
                 trainer_args = compile_fast_path(model, training)
         else:
@@ -429,6 +434,21 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if pairs is not None:
             check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
+
+
+def check_varlen_settings(fast_path_off_reason: str | None, training) -> None:
+    """`varlen_attn` computes packed rows only, and its sequences' tensors change shape with every batch, which CUDA
+    graphs would record anew each time."""
+    from dpolab.packing import VARLEN_ATTENTION, records_cuda_graphs
+
+    if fast_path_off_reason is not None:
+        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} computes only the fast path's packed rows, and the "
+                          f"fast path is off here ({fast_path_off_reason}): use sdpa or flex_attention.")  # fmt: skip
+    if records_cuda_graphs(training.torch_compile, training.torch_compile_mode):
+        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} with torch_compile_mode "
+                          f"{training.torch_compile_mode}: CUDA graphs would be recorded again for nearly every "
+                          "batch. Leave torch_compile_mode unset (each decoder layer compiled) or use "
+                          "flex_attention.")  # fmt: skip
 
 
 def compile_fast_path(model, training):
@@ -582,6 +602,8 @@ def load_policy(config: TrainConfig, model_path: str):
     from trl import get_quantization_config
     from trl.trainer.utils import create_model_from_path
 
+    from dpolab import packing
+
     model_args, training = config.model, config.training
     kwargs = dict(
         revision=model_args.model_revision,
@@ -590,6 +612,8 @@ def load_policy(config: TrainConfig, model_path: str):
         dtype=model_args.dtype,
     )
     kwargs.update(training.model_init_kwargs or {})
+    if kwargs["attn_implementation"] == packing.VARLEN_ATTENTION:
+        packing.register_varlen_attention()
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
