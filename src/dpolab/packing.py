@@ -177,7 +177,7 @@ def varlen_layout(chosen_spans, rejected_spans, used: int, length: int) -> dict[
     for (start, prompt, chosen_start, chosen), (_, _, rejected_start, rejected) in zip(chosen_spans, rejected_spans):
         queries.append(prompt + chosen)
         keys.append(numpy.arange(start, chosen_start + chosen))
-        if rejected:  # an answer truncated to nothing has no queries: no sequence
+        if rejected:  # an empty answer has no queries: no sequence
             queries.append(rejected)
             keys.append(numpy.concatenate([numpy.arange(start, start + prompt),
                                            numpy.arange(rejected_start, rejected_start + rejected)]))  # fmt: skip
@@ -293,6 +293,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             f"{VARLEN_ATTENTION} computes only the fast path's packed rows (dpolab train or eval with "
             "fast_path on); load the model with another attention implementation for anything else"
         )
+    if kwargs.get("sliding_window"):  # the layout is causal over whole sequences
+        raise ValueError(f"{VARLEN_ATTENTION} does not compute sliding-window attention: use flex_attention or sdpa")
     row = packed_varlen
     query = query[0].transpose(0, 1)  # [T, H, D]
     key = key[0].transpose(0, 1).index_select(0, row.kv_index)  # [Tk, H_kv, D]: the prompts' read twice
