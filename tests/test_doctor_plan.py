@@ -109,6 +109,9 @@ def test_memory_components_by_hand():
     # + 4*2i
     assert activation_bytes_per_token_layer(QWEN, residual_bytes=4, compiled=True) == 45_376
     assert activation_bytes_per_token_layer(QWEN, residual_bytes=4) == 69_440
+    # varlen_attn keeps k and v grouped (2 heads, 128 wide), gathered per sequence, counted twice: 2*2*(2*128)
+    # instead of 2*2*896
+    assert activation_bytes_per_token_layer(QWEN, 4, compiled=True, grouped_kv=True) == 45_376 - 2 * 2 * (896 - 256)
     compiled = estimate(tiny, RunShape(3, 10, 1, False, 4, autocast=True, compiled=True, tokens=40))
     assert compiled["activations (all layers kept, 40 tokens, compiled layers)"] == 40 * 2 * 240
     run = RunShape(batch=3, max_length=10, accumulation=1, checkpointing=False, weight_bytes=2)

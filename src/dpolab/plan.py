@@ -85,6 +85,7 @@ class RunShape:
     compiled: bool = False  # decoder layers compiled by inductor (`torch_compile`): fewer activations kept
     tokens: int | None = None  # tokens in one micro-batch (None: the worst case, 2 x batch x max_length)
     dense_mask: bool = False  # the fast path's packed row under SDPA: one tokens x tokens mask, kept for the backward
+    grouped_kv: bool = False  # the fast path's packed row under varlen_attn: K/V kept grouped, gathered per sequence
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -104,7 +105,9 @@ def shape_from_config(config: dict) -> ModelShape:
     )
 
 
-def activation_bytes_per_token_layer(model: ModelShape, residual_bytes: int = 2, compiled: bool = False) -> int:
+def activation_bytes_per_token_layer(
+    model: ModelShape, residual_bytes: int = 2, compiled: bool = False, grouped_kv: bool = False
+) -> int:
     """What autograd keeps per token and decoder layer, with flash/SDPA/Flex attention (no T^2 term): the tensors
     a Qwen2 layer saves for its backward, counted one by one (tests/test_doctor_plan.py counts them on the CPU).
 
@@ -119,11 +122,13 @@ def activation_bytes_per_token_layer(model: ModelShape, residual_bytes: int = 2,
     Compiled (inductor, `torch_compile`): the layer's input, the norms' inverse RMS, the bf16 inputs of the
     attention, o_proj and the MLP, attention as eager, and the MLP's gate, up and product; its partitioner
     recomputes the rest in the backward pass.
+    grouped_kv (`varlen_attn`): k and v kept as their heads are, gathered per sequence, a prompt's twice (counted
+    twice: an upper bound), never repeated.
     Against the H100's peak allocated (bench/RESULTS.md): within 0.02 GiB of the fast path's, eager and compiled.
     """
     h, kv, i = model.hidden, model.kv_dim, model.intermediate
-    repeated = model.kv_heads < model.heads and model.heads & (model.heads - 1) != 0
-    attention = 2 * 2 * h + 2 * 2 * (h if repeated else kv) + 4 * model.heads
+    repeated = model.kv_heads < model.heads and model.heads & (model.heads - 1) != 0 and not grouped_kv
+    attention = 2 * 2 * h + 2 * 2 * (2 * kv if grouped_kv else h if repeated else kv) + 4 * model.heads
     if compiled:
         return residual_bytes * h + 2 * 4 + 3 * 2 * h + attention + 3 * 2 * i
     projection_inputs = 5 if residual_bytes == 4 else 2
@@ -144,7 +149,7 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     # accumulator (counted with the LM head below) is that gradient, for bf16 weights a bf16 copy is made.
     head_gradient = 0 if run.peft or run.weight_bytes == 4 else model.vocab * model.hidden * run.weight_bytes
     residual_bytes = 4 if run.weight_bytes == 4 else 2
-    per_layer = activation_bytes_per_token_layer(model, residual_bytes, run.compiled)
+    per_layer = activation_bytes_per_token_layer(model, residual_bytes, run.compiled, run.grouped_kv)
     if run.checkpointing:  # each layer keeps its input; one layer is recomputed at a time during backward
         activations = tokens * (model.layers * residual_bytes * model.hidden + per_layer)
     else:
@@ -278,6 +283,7 @@ def run_shape(train, attention: str) -> RunShape:
         precompute_ref=bool(training.precompute_ref_log_probs), autocast=bool(training.bf16 or training.fp16),
         compiled=bool(training.torch_compile),
         dense_mask=train.script.fast_path and training.truncation_mode == "keep_start" and attention == "sdpa",
+        grouped_kv=attention == "varlen_attn",  # packing.VARLEN_ATTENTION (not imported here: packing loads torch)
     )  # fmt: skip
 
 
