@@ -287,7 +287,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers' attention function for `varlen_attn`: query [1, H, T, D], key and value [1, H_kv, T, D] of a
     packed row -> ([1, T, H, D], None). On CUDA, PyTorch's FlashAttention kernel for variable-length sequences
     (`torch.nn.attention.varlen.varlen_attn`: no mask, no masked block visited, grouped K/V read as they are), in the
-    autocast dtype; elsewhere `varlen_attention_reference`, which computes the same."""
+    dtype the layer computes in; elsewhere `varlen_attention_reference`, which computes the same."""
     if packed_varlen is None:
         raise ValueError(
             f"{VARLEN_ATTENTION} computes only the fast path's packed rows (dpolab train or eval with "
@@ -303,8 +303,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return varlen_attention_reference(query, key, value, row, scaling)[None], None
     from torch.nn.attention.varlen import varlen_attn
 
-    # under autocast q and k arrive in float32 (the rotary embedding multiplies them in the residual's dtype)
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+    # v comes from its projection in the dtype the layer computes in (autocast's, or the weights'); under autocast q
+    # and k arrive in float32 (the rotary embedding multiplies them in the residual's dtype)
+    dtype = value.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"{VARLEN_ATTENTION} (FlashAttention) computes in bf16 or fp16, not {dtype}: train with "
                          "bf16 true (float32 weights under autocast) or bfloat16 weights")  # fmt: skip
