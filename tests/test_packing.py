@@ -128,6 +128,14 @@ def test_varlen_sequences_by_hand():
     assert empty["packed_kv_index"].tolist() == [0, 1, 2, 3]
 
 
+def test_varlen_attention_says_which_torch_it_needs(monkeypatch):
+    from dpolab.errors import DpolabError
+
+    monkeypatch.setattr(packing, "varlen_attn", None)  # torch before 2.10 has no torch.nn.attention.varlen
+    with pytest.raises(DpolabError, match=r"attn_implementation varlen_attn needs torch 2.10 or later"):
+        packing.register_varlen_attention()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_varlen_attention_computes_what_the_packed_rows_mask_allows(seed):
     """`varlen_attention` over `varlen_layout`'s sequences (the CPU's reference of FlashAttention's kernel) against

@@ -32,7 +32,12 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from dpolab.errors import out_of_memory_error
+from dpolab.errors import DpolabError, out_of_memory_error
+
+try:  # torch 2.10 and later; imported here, not inside `varlen_attention`, which compiled layers trace
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_pair", "packed_segment", "packed_gather_index")
 ANSWER_KEYS = ("packed_answer_index", "packed_answer_labels", "packed_answer_slot")  # read by `answer_head_forward`
@@ -301,8 +306,6 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     value = value[0].transpose(0, 1).index_select(0, row.kv_index)
     if not query.is_cuda:
         return varlen_attention_reference(query, key, value, row, scaling)[None], None
-    from torch.nn.attention.varlen import varlen_attn
-
     # v comes from its projection in the dtype the layer computes in (autocast's, or the weights'); under autocast q
     # and k arrive in float32 (the rotary embedding multiplies them in the residual's dtype)
     dtype = value.dtype
@@ -348,9 +351,11 @@ def register_varlen_attention() -> None:
     """Make `varlen_attn` an attention implementation transformers loads models with (before `from_pretrained`)."""
     import inspect
 
-    from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
 
+    if varlen_attn is None:
+        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} needs torch 2.10 or later (torch.nn.attention."
+                          f"varlen); this is torch {torch.__version__}.")  # fmt: skip
     global VARLEN_TAKES_ENABLE_GQA
     VARLEN_TAKES_ENABLE_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
