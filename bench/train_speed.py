@@ -13,10 +13,11 @@ policy's forward and backward, 2N for the reference), N = all parameters, over t
 Rows: TRL's default (float32 weights + bf16 autocast, activation checkpointing, reference forward every step,
 padded batches); dpolab's fast path (the same float32 master weights, pairs packed with each prompt computed
 once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing, decoder layers compiled as
-`dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers); `dpolab
-train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code; `flex-attention`: one layer's
-attention alone (bench/flex_attention.py). Every training row records the share of weights its updates changed, its
-peak memory, and its per-step losses (compared with TRL's default).
+`dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers;
+`dpolab-fast-compile-varlen`: FlashAttention's varlen kernel instead of FlexAttention, `packing.varlen_attention`);
+`dpolab train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code; `flex-attention`: one
+layer's attention alone (bench/flex_attention.py). Every training row records the share of weights its updates
+changed, its peak memory, and its per-step losses (compared with TRL's default).
 
 Faster must not mean different: the fast path's per-step loss must match TRL's default on the same data.
 Tolerance 1e-2 absolute per step: under bf16 autocast each per-token log-prob carries ~1e-2 of rounding
