@@ -645,15 +645,16 @@ def test_the_reference_pre_pass_runs_only_when_the_run_sees_its_data(tmp_path, t
     assert asked.training.precompute_ref_log_probs is True  # set explicitly: kept
 
 
-def packed_inputs(seed: int, pairs: int = 4) -> dict:
+def packed_inputs(seed: int, pairs: int = 4, varlen: bool = False) -> dict:
     rng = random.Random(seed)
 
     def ids(low, high):
         return [rng.randrange(3, 400) for _ in range(rng.randint(low, high))]
 
     examples = [{"prompt_ids": ids(5, 30), "chosen_ids": ids(3, 40), "rejected_ids": ids(3, 40)} for _ in range(pairs)]
-    batch = packing.pack_batch(examples, 128, 0)
-    return {"input_ids": batch["input_ids"], **{key: batch[key] for key in packing.PACKED_KEYS}}
+    batch = packing.pack_batch(examples, 128, 0, varlen=varlen)
+    keys = packing.PACKED_KEYS + (packing.VARLEN_KEYS if varlen else ())
+    return {"input_ids": batch["input_ids"], **{key: batch[key] for key in keys}}
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
@@ -692,13 +693,17 @@ def test_sdpa_layers_share_one_mask_and_compute_what_the_boolean_mask_gives(tiny
     assert (masks_kept, boolean_masks_kept) == (1, 2)  # one for both layers; the boolean mask: one per layer
 
 
-def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_attn"])
+def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir, attention):
     """Regional compilation with dynamic shapes: one graph for all layers, no new compile when rows change length
-    (aot_eager: dynamo's tracing and guards without a C++ compiler, so the values are eager's exactly)."""
+    (aot_eager: dynamo's tracing and guards without a C++ compiler, so the values are eager's exactly); with
+    varlen_attn, whose sequences change in number and length too (on the CPU its reference runs uncompiled)."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa") for _ in "ab")
+    packing.register_varlen_attention()
+    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+                       for _ in "ab")  # fmt: skip
     for model in (eager, compiled):
         packing.install(model)
     assert packing.compile_layers(compiled, "aot_eager", None) == len(compiled.model.layers) == 2
@@ -706,7 +711,7 @@ def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir):
     torch._dynamo.reset()
     graphs, lengths = [], set()
     for seed in range(4):
-        inputs = packed_inputs(seed)
+        inputs = packed_inputs(seed, pairs=2 + seed, varlen=attention == packing.VARLEN_ATTENTION)  # more sequences
         lengths.add(inputs["packed_input_ids"].shape[1])
         hidden = compiled.model(**inputs, use_cache=False).last_hidden_state
         hidden.sum().backward()

@@ -318,6 +318,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return output[None], None
 
 
+@torch.compiler.disable  # a loop over each batch's sequences: compiled layers run it as it is, not traced anew
 def varlen_attention_reference(query, key, value, row: VarlenRow, scaling=None) -> torch.Tensor:
     """What `varlen_attn` computes, one sequence at a time with SDPA: query [Tq, H, D], key and value [Tk, H_kv, D]
     -> [Tq, H, D]; each sequence causal, aligned to the bottom right (flash-attention's rule where a sequence has
