@@ -68,9 +68,7 @@ def packed_row(device: str, scale: int):
     batch = {
         key: value.to(device) for key, value in packing.pack_batch(examples, 1024 // scale, 0, varlen=True).items()
     }
-    sequences = packing.VarlenRow(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"],
-                                  *batch["packed_max_lengths"].shape[:2])  # fmt: skip
-    return batch["packed_pair"][0], batch["packed_segment"][0], sequences
+    return batch["packed_pair"][0], batch["packed_segment"][0], packing.VarlenRow.from_batch(batch)
 
 
 SAME_ATTENTION = ("dpolab", "dpolab int32", "dpolab code")  # masks of one rule: their outputs are compared

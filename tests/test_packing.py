@@ -154,8 +154,7 @@ def test_varlen_attention_computes_what_the_packed_rows_mask_allows(seed):
     mask = packing.dense_mask(batch["packed_pair"][0], batch["packed_segment"][0])
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25,
                                                                 enable_gqa=True).transpose(1, 2)  # fmt: skip
-    row = packing.VarlenRow(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"],
-                            *batch["packed_max_lengths"].shape[:2])  # fmt: skip
+    row = packing.VarlenRow.from_batch(batch)
     got, _ = packing.varlen_attention(None, query, key, value, None, scaling=0.25, packed_varlen=row)
     assert got.shape == expected.shape == (1, length, 8, 16)
     assert torch.allclose(got, expected, atol=1e-6, rtol=0), (got - expected).abs().max()

@@ -316,17 +316,20 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     from dpolab.models import score_completion_tokens_only
 
     pad_token_id = models.pad_token_id(tokenizer)
-    if settings.fast_path and packing.unsupported_reason(model.config, settings.truncation_mode) is None:
+    attention = model.config._attn_implementation
+    if settings.fast_path:
+        reason = packing.unsupported_reason(model.config, settings.truncation_mode)
+    else:
+        reason = "fast_path is false"
+    packing.check_varlen_on_fast_path(attention, reason)
+    if reason is None:
         packing.install(model)
         packing.install_answer_head_on(model, packing.REFERENCE_HEAD_OUTPUTS)  # where it applies; else TRL's head
         collator = packing.PackedCollator(
             pad_token_id=pad_token_id,
             max_length=settings.max_length,
-            varlen=model.config._attn_implementation == packing.VARLEN_ATTENTION,
+            varlen=attention == packing.VARLEN_ATTENTION,
         )
-    elif model.config._attn_implementation == packing.VARLEN_ATTENTION:
-        raise DpolabError(f"attn_implementation {packing.VARLEN_ATTENTION} computes only the fast path's packed rows "
-                          "(fast_path true, truncation_mode keep_start): use sdpa.")  # fmt: skip
     else:
         collator = DataCollatorForPreference(
             pad_token_id=pad_token_id, max_length=settings.max_length, truncation_mode=settings.truncation_mode

@@ -286,6 +286,19 @@ class VarlenRow(NamedTuple):
     max_q: int
     max_k: int
 
+    @classmethod
+    def from_batch(cls, batch: dict) -> VarlenRow:
+        """From `varlen_layout`'s tensors (VARLEN_KEYS): the two ints read off packed_max_lengths' shape."""
+        max_lengths = batch["packed_max_lengths"]
+        return cls(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"], *max_lengths.shape[:2])
+
+
+def check_varlen_on_fast_path(attention: str, fast_path_off_reason: str | None) -> None:
+    """`varlen_attn` computes the fast path's packed rows only: a clear error where the fast path is off."""
+    if attention == VARLEN_ATTENTION and fast_path_off_reason is not None:
+        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} computes only the fast path's packed rows, and the "
+                          f"fast path is off here ({fast_path_off_reason}): use sdpa or flex_attention.")  # fmt: skip
+
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_varlen=None,
                      **kwargs):  # fmt: skip
@@ -416,10 +429,9 @@ def packed_backbone_forward(original_forward, attention_implementation: str):
                 packed_gather_index=None, **kwargs):  # fmt: skip
         if packed_input_ids is None:
             return original_forward(self, *args, **kwargs)
-        varlen = [kwargs.pop(name, None) for name in VARLEN_KEYS]
+        varlen = {name: kwargs.pop(name, None) for name in VARLEN_KEYS}
         if attention_implementation == VARLEN_ATTENTION:  # on to every layer's `varlen_attention`
-            kv_index, cu_seq_q, cu_seq_k, max_lengths = varlen
-            kwargs["packed_varlen"] = VarlenRow(kv_index, cu_seq_q, cu_seq_k, *max_lengths.shape[:2])
+            kwargs["packed_varlen"] = VarlenRow.from_batch(varlen)
         # TRL's padded layout is not computed; the answer positions are for dpolab's LM head, when TRL's runs
         for unused in ("input_ids", "attention_mask", "position_ids", *ANSWER_KEYS):
             kwargs.pop(unused, None)

@@ -343,8 +343,8 @@ def run(config: PlanConfig) -> int:
             train.training.precompute_ref_log_probs = False  # train's rule needs the data's size: the larger case
     shape = run_shape(train, attention)
     # float32 weights train under bf16 autocast on the card (this machine may say otherwise)
-    shape = replace(shape, autocast=shape.autocast or train.model.dtype == "float32", compiled=compiled)
-    shape = replace(shape, tokens=tokens_for_batch(shape.batch) if tokens_for_batch else None)
+    shape = replace(shape, autocast=shape.autocast or train.model.dtype == "float32", compiled=compiled,
+                    tokens=tokens_for_batch(shape.batch) if tokens_for_batch else None)  # fmt: skip
     budget = int(config.gpu_memory_gib * GIB)
     components = estimate(model, shape)
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731

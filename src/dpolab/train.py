@@ -362,8 +362,13 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     attention = model.config._attn_implementation
     fast = config.script.fast_path
     reason = packing.unsupported_reason(model.config, training.truncation_mode) if fast else "fast_path is false"
-    if attention == packing.VARLEN_ATTENTION:
-        check_varlen_settings(reason, training)
+    packing.check_varlen_on_fast_path(attention, reason)
+    if attention == packing.VARLEN_ATTENTION and packing.records_cuda_graphs(
+        training.torch_compile, training.torch_compile_mode
+    ):  # its sequences' tensors change shape with every batch
+        raise DpolabError(f"attn_implementation {attention} with torch_compile_mode {training.torch_compile_mode}: "
+                          "CUDA graphs would be recorded again for nearly every batch. Leave torch_compile_mode unset "
+                          "(each decoder layer compiled) or use flex_attention.")  # fmt: skip
     if config.script.fast_path:
         if reason is None:
             packing.install(model)
@@ -434,21 +439,6 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
         if pairs is not None:
             check_dropped(name, len(pairs.dataset), len(prepared), training.max_length)
     return trainer
-
-
-def check_varlen_settings(fast_path_off_reason: str | None, training) -> None:
-    """`varlen_attn` computes packed rows only, and its sequences' tensors change shape with every batch, which CUDA
-    graphs would record anew each time."""
-    from dpolab.packing import VARLEN_ATTENTION, records_cuda_graphs
-
-    if fast_path_off_reason is not None:
-        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} computes only the fast path's packed rows, and the "
-                          f"fast path is off here ({fast_path_off_reason}): use sdpa or flex_attention.")  # fmt: skip
-    if records_cuda_graphs(training.torch_compile, training.torch_compile_mode):
-        raise DpolabError(f"attn_implementation {VARLEN_ATTENTION} with torch_compile_mode "
-                          f"{training.torch_compile_mode}: CUDA graphs would be recorded again for nearly every "
-                          "batch. Leave torch_compile_mode unset (each decoder layer compiled) or use "
-                          "flex_attention.")  # fmt: skip
 
 
 def compile_fast_path(model, training):
