@@ -210,6 +210,8 @@ def choose_torch_compile(config: TrainConfig) -> None:
         print(f"torch_compile: off ({reason}).", flush=True)
         return
     config.training.torch_compile = True
+    # transformers names the backend when it parses torch_compile true; set here after that, it is still unset
+    config.training.torch_compile_backend = config.training.torch_compile_backend or "inductor"
     print("torch_compile: on, the CUDA fast path's default (--torch_compile false turns it off).", flush=True)
 
 
