@@ -3,8 +3,9 @@
 #   bash bench/device.sh     # in $OUT: table.md, rows.json, profiles.txt, machine.txt, doctor.txt, log.txt
 # It installs the tested set's other wheels from .whl/, fetched beforehand on a machine with PyPI:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-#     transformers==5.24.0 tokenizers==0.23.3 fsspec==2026.9.0
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 \
+#     dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 tokenizers==0.23.3 fsspec==2026.9.0
+# (tokenizers' wheel is tagged manylinux_2_17 only)
 # ROWS chooses the bench rows (see bench/train_speed.py); BUDGET_S is when optional rows stop being started,
 # DEADLINE_S when every row is stopped (keep it under the call's timeout: the table is written after each row),
 # ROW_CAP_S when one row is (a hung row must not take the rest's time); PROFILE=0 leaves the profiles out.
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 if [ "$DEVICE" = cuda ]; then  # the wheels are Python 3.12's, the lent machine's; here the venv has the tested set
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DPOLAB_CACHE=/tmp/dpolab-cache
+export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_LOGS=recompiles  # why a compiled row compiled again, in log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
@@ -27,17 +28,15 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   date -u
 } > "$OUT/machine.txt"
-# dpolab's own checks on the lent machine (its GPU, bf16 and Triton checks have never run on a GPU; a few seconds)
+# dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
-# The issue's side by side first (~3 minutes on an H100), then FlexAttention alone (why its kernels took 17 ms a
-# step; its variants stop starting after 2 minutes), then the lever that may reach 35% MFU (CUDA graphs over the
-# whole backbone: compiling it may take minutes, so it goes last of the three, with the call's remaining time),
-# then the full preset's memory (measured before at 22.82 GiB, eager), then the whole run with FlashAttention's varlen
-# kernel instead of FlexAttention (its kernel alone is the flex-attention row's second variant), then the gains'
-# attribution.
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,flex-attention,dpolab-fast-compile-backbone-cudagraphs,cli-full,\
-dpolab-fast-compile-varlen,dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,\
-dpolab-fast-compile-host-waits,dpolab-fast-compile-b16,dpolab-fast-compile-gqa,dpolab-fast-compile-cpp-wrapper,\
+# The issue's side by side first (~2 minutes on an H200), then the full preset's whole-epoch setting through the CLI
+# (~2 minutes), then the lever that may reach 35% MFU (CUDA graphs over the whole backbone, the host's ~70 ms a step
+# gone: its first step compiles for ~3 minutes), then inductor's C++ wrapper (the host's other lever), FlashAttention's
+# varlen kernel, FlexAttention alone, and the gains' attribution (bench/RESULTS.md, fourteenth section).
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,\
+dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-varlen,flex-attention,dpolab-fast-compile-backbone-cudagraphs-gqa,\
+dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
 dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,\
 dpolab-fast-sdpa}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)

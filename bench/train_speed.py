@@ -457,6 +457,10 @@ def run_row(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     result = {"row": args.row}
+    # each row's own cache: its set-up runs (and compiles) its own reference pre-pass, as a first run does, never
+    # reads another row's (set-up times stay comparable, and the warm pass timed after training stays warm)
+    os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "cache" / args.row)
+    shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
     if args.row.startswith("cli-"):
         return run_cli_row(args, world, result)
     if args.row == "flex-attention":  # one layer's attention alone, on a packed row of this workload's shape
@@ -472,9 +476,6 @@ def run_row(args) -> dict:
         from transformers import AttentionInterface
 
         AttentionInterface.register("flex_attention", gqa_flex_attention)  # in this row's process only
-    if args.row == "reference-prepass":  # its pre-pass computed here, never read from the other rows' cache
-        os.environ["DPOLAB_CACHE"] = str(Path(args.work) / "prepass-cache")
-        shutil.rmtree(os.environ["DPOLAB_CACHE"], ignore_errors=True)
     started = time.perf_counter()
     trainer = row_trainer(world, args, tokenizer)
     result["setup_s"] = time.perf_counter() - started
@@ -601,13 +602,14 @@ def run_cli_row(args, world, result) -> dict:
             str(Path(args.work) / "runs"), "--run_name", args.row, "--train_sampling_strategy", "sequential",
             "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
     # full: 12 steps of it with the settings a user's whole epoch gets on a 24 GiB card: the reference pre-pass
-    # (12 steps alone would compute the reference in each step, train.choose_reference_pass) and the micro-batch
-    # fit_to_memory chooses for an epoch of 62,135 pairs of this data, 8 x 2 (planned 20.36 GiB for its largest
-    # micro-batch, 8,640 tokens: bench/plan_vs_h100.py; for 12 steps alone it would choose 16 x 1)
+    # (12 steps alone would compute the reference in each step, train.choose_reference_pass) and what fit_to_memory
+    # chooses for an epoch of 62,135 pairs of this data, 8 x 2 without activation checkpointing (planned 20.36 GiB
+    # for its largest micro-batch, 8,640 tokens: bench/plan_vs_measured.py; for 12 steps alone it would choose
+    # 16 x 1). With fit_to_memory off, checkpointing must be given: TRL's default is on.
     argv += (["--max_steps", str(args.steps)] if preset == "smoke"
              else ["--max_steps", "12", "--gpu_memory_gib", "24", "--precompute_ref_log_probs", "true",
                    "--fit_to_memory", "false", "--per_device_train_batch_size", "8",
-                   "--gradient_accumulation_steps", "2"])  # fmt: skip
+                   "--gradient_accumulation_steps", "2", "--activation_checkpointing", "false"])  # fmt: skip
     argv += ["--torch_compile", "false"] if variant == "eager" else []
     started = time.perf_counter()
     summary = train.run(parse_train_args(argv))
@@ -622,6 +624,7 @@ def run_cli_row(args, world, result) -> dict:
                   pairs_per_s_whole_run=pairs / wall_s, weights_changed=changed,
                   weights_changed_sampled=(summary.get("weights") or {}).get("weights/changed_share"),
                   fit=provenance["dpolab_provenance"].get("fit_to_memory"),
+                  checkpointing=bool(provenance.get("activation_checkpointing")),
                   diagnostics=[f["name"] for f in summary.get("diagnostics", [])],
                   compiled_graphs=compiled_graphs())  # fmt: skip
     if torch.cuda.is_available():
@@ -721,7 +724,8 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
                           checkpointing=row.get("checkpointing", False),
                           weight_bytes=2 if "bf16" in row["row"] else 4, autocast=True,
                           precompute_ref=row["row"] != "trl-default", tokens=tokens, compiled=compiled,
-                          dense_mask=fields.get("attn_implementation") == "sdpa")  # fmt: skip
+                          dense_mask=fields.get("attn_implementation") == "sdpa",
+                          grouped_kv=fields.get("attn_implementation") == "varlen_attn")  # fmt: skip
     return plan.peak_reserved(model, shape) / 2**30
 
 

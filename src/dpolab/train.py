@@ -48,6 +48,7 @@ def run(config: TrainConfig) -> dict:
     choose_reference_pass(config, len(train_pairs.dataset))
     choose_torch_compile(config)
     fitted = fit_to_memory(config, model_path, lengths, len(train_pairs.dataset))
+    choose_reference_batch(config)
     if process.is_main_process:
         record = provenance(config, model_path, train_pairs, eval_pairs) | {"fit_to_memory": fitted}
         start_run_directory(run_dir, config, record, resume_from)
@@ -170,6 +171,37 @@ def choose_reference_pass(config: TrainConfig, train_pairs: int) -> None:
         training.precompute_ref_log_probs = False
         print(f"Reference log-probs: computed in each step (this run sees {seen:,} of {train_pairs:,} pairs; a "
               "pre-pass would score all of them).", flush=True)  # fmt: skip
+
+
+# The reference pre-pass is a forward without gradients, bound by the host at the training micro-batch: on an H200,
+# 32 pairs a batch ran 2.1x the pairs/s of 8 (374 against 175) for 0.3 GiB more (bench/RESULTS.md, 2026-11-27)
+REFERENCE_PASS_PAIRS = 32
+
+
+def choose_reference_batch(config: TrainConfig) -> None:
+    """On a CUDA GPU the fast path's reference pre-pass scores REFERENCE_PASS_PAIRS pairs a batch, unless
+    `precompute_ref_batch_size` was given (TRL's default: the micro-batch). Its packed row without gradients holds
+    one layer's activations at a time, a fraction of a training step's; not where the step needs activation
+    checkpointing (little memory to spare), with LoRA, several GPUs (TRL's own pass) or SDPA (a tokens x tokens
+    mask: 16x larger at 4x the pairs)."""
+    import torch
+
+    from dpolab import packing
+
+    training, model = config.training, config.model
+    if "precompute_ref_batch_size" in config.given or not training.precompute_ref_log_probs:
+        return
+    if not torch.cuda.is_available() or not config.script.fast_path or training.truncation_mode != "keep_start":
+        return
+    if attention_implementation(config) not in ("flex_attention", packing.VARLEN_ATTENTION):
+        return
+    if training.activation_checkpointing or model.use_peft or training.deepspeed or training.fsdp:
+        return
+    if training.world_size > 1 or training.per_device_train_batch_size >= REFERENCE_PASS_PAIRS:
+        return
+    training.precompute_ref_batch_size = REFERENCE_PASS_PAIRS
+    print(f"Reference pre-pass: {REFERENCE_PASS_PAIRS} pairs per batch (2x the pairs/s of 8 on an H200; "
+          "--precompute_ref_batch_size sets it).", flush=True)  # fmt: skip
 
 
 def compile_off_reason(config: TrainConfig) -> str | None:
@@ -464,12 +496,16 @@ def compile_fast_path(model, training):
         limit = triton.cudagraph_dynamic_shape_warn_limit  # PyTorch warns past 8 recordings, asking for padding
         if lengths is not None and limit is not None:  # to a few shapes, which the rounding does: warn past those
             triton.cudagraph_dynamic_shape_warn_limit = max(lengths, limit)
+        # inductor's mix-order reduction (fusing RMSNorm's two backward reductions) guards on the row's size: on an
+        # H200 a row past 5,851 tokens (896 x tokens >= 5 Mi) compiled the whole backbone again, minutes into the
+        # run; without it one graph serves every row length
+        triton.mix_order_reduction = False
         bound = "" if lengths is None else f": at most {lengths} length" + "s" * (lengths != 1)
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
-              "shapes; the first step takes minutes, the first evaluation too) after the reference pre-pass, one "
-              f"CUDA graph recorded per row length (rows rounded to {multiple} tokens{bound}). Not yet measured on a "
-              "GPU; leaving torch_compile_mode unset compiles each layer (6x TRL's default on an H100, "
-              "bench/RESULTS.md).", flush=True)  # fmt: skip
+              "shapes; the first step takes minutes: 3 on an H200, the first evaluation too) after the reference "
+              f"pre-pass, one CUDA graph recorded per row length (rows rounded to {multiple} tokens{bound}). Its "
+              "speed is not yet measured; leaving torch_compile_mode unset compiles each layer (6x TRL's default "
+              "on an H100 and an H200, bench/RESULTS.md).", flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
         print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
