@@ -4,6 +4,7 @@ log-probs equal to DPOTrainer's padded path on every data format, and whole runs
 import inspect
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -1065,15 +1066,19 @@ def test_gradients_allocated_before_the_backward_passes_are_added_into_in_place(
 @pytest.mark.parametrize("stage", ["pre-pass", "training"])
 def test_a_failed_compile_is_one_message_saying_how_to_train_without_it(tmp_path, tiny_config, monkeypatch, capsys,
                                                                           stage):  # fmt: skip
-    """Inductor, Triton or the C compiler failing (here: pretended) ends the run with the cause and the flag that
-    trains without compiling; a failure in the reference pre-pass leaves no run directory behind."""
+    """Inductor, Triton or the C compiler failing (here: pretended) ends the run with the cause, where it was raised,
+    the backend, and the flag that trains without compiling; a failure in the reference pre-pass leaves no run
+    directory behind."""
     from torch._dynamo.exc import BackendCompilerFailed
     from trl import DPOTrainer
 
     from dpolab import train
 
     def fail(*args, **kwargs):
-        raise BackendCompilerFailed(lambda *a: None, RuntimeError("failed to find a C compiler\nits second line"), None)
+        try:
+            raise RuntimeError("failed to find a C compiler\nits second line")
+        except RuntimeError as cause:
+            raise BackendCompilerFailed(lambda *a: None, cause, None) from None
 
     if stage == "pre-pass":
         monkeypatch.setattr(train, "build_trainer", fail)
@@ -1083,7 +1088,8 @@ def test_a_failed_compile_is_one_message_saying_how_to_train_without_it(tmp_path
     config = str(tiny_config(data, precompute_ref_log_probs=True))
     assert main(["train", "--config", config, "--torch_compile", "true", "--torch_compile_backend", "aot_eager"]) == 2
     message = capsys.readouterr().err
-    assert "torch_compile (as set) could not compile the model: RuntimeError: failed to find a C compiler" in message
+    cause = r"RuntimeError: failed to find a C compiler \(raised in \S*tests/test_packing.py:\d+, fail\)\n"
+    assert re.search(rf"torch_compile \(as set, backend aot_eager\) could not compile the model: {cause}", message)
     assert "its second line" not in message and "Traceback" not in message
     if stage == "pre-pass":
         assert "Train without it: the same command plus --torch_compile false." in message

@@ -939,7 +939,7 @@ def compile_failed_message(error, config: TrainConfig, then) -> str:
     (transformers compiles them) and are the kernels that need the most shared memory (its backward: more than
     24 GB cards such as the RTX 4090 or A10G have per block, pytorch/pytorch#133254): SDPA does without them."""
     inner = getattr(error, "inner_exception", None) or error  # torch's wrapper names the backend, the inner the cause
-    cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+    cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}{raised_at(inner)}"
     text = str(error).lower()
     flex_kernel = any(sign in text for sign in ("flex_attention", "out of resource", "shared memory", "triton config"))
     if attention_implementation(config) == "flex_attention" and (flex_kernel or not config.training.torch_compile):
@@ -947,9 +947,22 @@ def compile_failed_message(error, config: TrainConfig, then) -> str:
                 "Train with SDPA attention instead (a dense mask: the same numbers, more attention work): "
                 f"{then('--attn_implementation sdpa')}.")  # fmt: skip
     chosen = "as set" if "torch_compile" in config.given else "on by default for the CUDA fast path"
+    chosen += f", backend {config.training.torch_compile_backend}"
     return (f"torch_compile ({chosen}) could not compile the model: {cause}\nTrain without it: "
             f"{then('--torch_compile false')}. `dpolab doctor` checks what compiling needs (Triton on a GPU, a C++ "
             "compiler on the CPU).")  # fmt: skip
+
+
+def raised_at(error: BaseException) -> str:
+    """Where an error was raised (its innermost frame), for a one-line message that drops the traceback: a failure
+    inside torch names the step that failed, a bug report can start from it."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    path = frames[-1].filename.split("site-packages/")[-1]
+    return f" (raised in {path}:{frames[-1].lineno}, {frames[-1].name})"
 
 
 def evaluated_at(log_history: list[dict], step: int) -> bool:
