@@ -312,7 +312,7 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from dpolab import models, packing
-    from dpolab.logps import length_weighted_logps
+    from dpolab.logps import length_weighted_logps, read_per_pair
     from dpolab.models import score_completion_tokens_only
 
     pad_token_id = models.pad_token_id(tokenizer)
@@ -359,8 +359,7 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
             doing = f"scoring the {desc} at {settings.batch_size} pairs per batch"
             at_one = "one pair per batch does not fit: a shorter --max_length, or the CPU"
             raise out_of_memory_error(doing, settings.batch_size, at_one) from None
-    read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 5
-    return dict(zip(("chosen", "rejected", "chosen_unweighted", "chosen_tokens", "rejected_tokens"), read))
+    return read_per_pair(per_batch, ("chosen", "rejected", "chosen_unweighted", "chosen_tokens", "rejected_tokens"))
 
 
 def cached_ref_logps(settings: EvalConfig, ref_path: str, examples: list[dict], tokenizer) -> dict:

@@ -180,6 +180,13 @@ def batch_loss(
     return total
 
 
+def read_per_pair(per_batch: list[tuple[torch.Tensor, ...]], names: tuple[str, ...]) -> dict[str, list]:
+    """Per-batch values kept on the device (one tuple of 1-D tensors per batch, in `names`' order), read back at the
+    end in one transfer per name: the scoring loops that fill them never make the host wait for the device."""
+    read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[] for _ in names]
+    return dict(zip(names, read, strict=True))
+
+
 def mean_of_batch_means(values: list[float], batch_size: int) -> float:
     """How TRL logs an eval metric: the mean over consecutive batches of each batch's mean.
 

@@ -745,6 +745,8 @@ def reference_trainer_class():
             from torch.utils.data import DataLoader
             from tqdm.auto import tqdm
 
+            from dpolab.logps import read_per_pair
+
             if isinstance(self.data_collator, PackedCollator):
                 install_answer_head(self)  # the reason, where TRL's head stays, is printed once the trainer is built
             device = self.accelerator.device
@@ -764,8 +766,7 @@ def reference_trainer_class():
                          "before training started")  # fmt: skip
                 at_one = "run the same command with --precompute_ref_log_probs false (the reference in each step)"
                 raise out_of_memory_error(doing, batch_size, at_one, "--precompute_ref_batch_size") from None
-            read = [torch.cat(values).tolist() for values in zip(*per_batch)] or [[]] * 4  # one transfer each
-            result = dict(zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), read))
+            result = read_per_pair(per_batch, ("chosen", "rejected", "chosen_tokens", "rejected_tokens"))
             result["chosen_unweighted"] = result["chosen"]  # cached only without ld_alpha: the plain sums
             return result
 
