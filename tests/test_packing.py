@@ -385,21 +385,26 @@ def test_the_answer_head_computes_every_output_and_gradient_of_trls_head_without
 
 
 class HostWaits:
-    """Counts the operators that make the host wait for a CUDA device (a value or a size read on the host), as
-    bench/host_ops.py does, while active: `.item()`/`if t` (_local_scalar_dense), nonzero, boolean indexing."""
+    """Counts the operators that make the host wait for a CUDA device (a value or a size read on the host: `.item()`,
+    `if t`, nonzero, boolean indexing), by bench/host_ops.py's rule (`sync_reason`), while `mode` is active."""
 
     def __init__(self):
+        import sys
+        from pathlib import Path
+
         from torch.utils._python_dispatch import TorchDispatchMode
+
+        bench = str(Path(__file__).parents[1] / "bench")
+        if bench not in sys.path:
+            sys.path.insert(0, bench)
+        from host_ops import sync_reason
 
         counter = self
         self.count = 0
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                boolean_index = str(func) in ("aten.index.Tensor", "aten.index_put_.default") and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
-                )
-                counter.count += func._opname in ("_local_scalar_dense", "nonzero", "masked_select") or boolean_index
+                counter.count += sync_reason(func, args) is not None
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
