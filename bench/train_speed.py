@@ -15,7 +15,9 @@ padded batches); dpolab's fast path (the same float32 master weights, pairs pack
 once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing, decoder layers compiled as
 `dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers;
 `dpolab-fast-compile-varlen`: FlashAttention's varlen kernel instead of FlexAttention, `packing.varlen_attention`);
-`dpolab train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code; `flex-attention`: one
+`dpolab train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code;
+`trl-default-eager-attention`: TRL's default with another attention kernel, how far two correct bf16 computations of
+the same steps drift apart (the floor for the loss diffs); `flex-attention`: one
 layer's attention alone (bench/flex_attention.py). Every training row records the share of weights its updates
 changed, its peak memory, and its per-step losses (compared with TRL's default).
 
@@ -24,6 +26,9 @@ Tolerance 1e-2 absolute per step: under bf16 autocast each per-token log-prob ca
 noise that the two computations (different attention kernels and layouts) round differently; over ~350 answer
 tokens that is ~0.2 nats in a sequence sum, times beta 0.1 ~0.02 in the margin and, at the sigmoid's slope
 of 1/2 near ln 2, ~0.01 in the loss. On the CPU in float32 the two agree to 1e-4 (tests/test_packing.py).
+That is the typical size, not a bound on the largest of 40 steps: on an H200 (bench/RESULTS.md, 2026-11-27) the
+compiled fast path's diffs had sd 3.5e-3 and max 9.6e-3, the varlen row's sd 4.6e-3 and max 1.37e-2, at the same
+step. `trl-default-eager-attention` measures how far TRL's own run moves with another attention kernel.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ WORDS = ["q" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in r
 # The issue's side by side (TRL's default, the fast path as `dpolab train` runs it on CUDA: compiled layers) and the
 # full preset's memory; then the rest, each started only before --budget_s
 REQUIRED_ROWS = ("trl-default", "dpolab-fast-compile", "cli-full")
-OPTIONAL_ROWS = ("dpolab-fast", "cli-smoke", "dpolab-fast-compile-512",
+OPTIONAL_ROWS = ("trl-default-eager-attention", "dpolab-fast", "cli-smoke", "dpolab-fast-compile-512",
                  "dpolab-fast-compile-host-waits", "dpolab-fast-compile-trl-head", "dpolab-fast-compile-log10",
                  "dpolab-fast-compile-cpp-wrapper", "dpolab-fast-compile-backbone",
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
@@ -413,19 +418,22 @@ def changed_share(model, initial) -> float:
 
 def trl_trainer(world, args, tokenizer):
     """TRL's DPOTrainer with TRL's defaults: float32 weights under bf16 autocast, activation checkpointing, the
-    reference model's forward in every step ("trl-default"); or bf16 weights, no checkpointing and a reference
-    pre-pass, TRL's fastest setting measured before ("trl-bf16-precompute")."""
+    reference model's forward in every step ("trl-default"); the same with transformers' eager attention
+    ("trl-default-eager-attention": another correct bf16 computation of the same steps, whose loss diff from
+    TRL's default is the floor the fast path's rows are read against); or bf16 weights, no checkpointing and a
+    reference pre-pass, TRL's fastest setting measured before ("trl-bf16-precompute")."""
     from trl import DPOConfig, DPOTrainer
 
     from dpolab.data import load_pairs
 
     fastest = args.row == "trl-bf16-precompute"
+    attention = {"attn_implementation": "eager"} if args.row == "trl-default-eager-attention" else {}
     config = DPOConfig(
         output_dir=str(Path(args.work) / "runs" / args.row), max_steps=args.steps, per_device_train_batch_size=8,
         learning_rate=5e-7, beta=0.1, max_length=1024, logging_steps=1, save_strategy="no", seed=0,
         train_sampling_strategy="sequential", report_to=[], bf16=args.device == "cuda", use_cpu=args.device == "cpu",
         activation_checkpointing=not fastest, precompute_ref_log_probs=fastest,
-        model_init_kwargs={"dtype": "bfloat16" if fastest else "float32"},
+        model_init_kwargs={"dtype": "bfloat16" if fastest else "float32", **attention},
     )  # fmt: skip
     pairs = load_pairs(world["data"], "train")
     return DPOTrainer(model=world["model"], args=config, train_dataset=pairs.dataset, processing_class=tokenizer)
@@ -713,7 +721,7 @@ def planned(row: dict, layout: list[tuple[int, int, int]], steps: int) -> float 
     if row["row"] == "cli-full":  # its 12 steps of 8 x 2 (run_cli_row), compiled on a GPU (choose_torch_compile)
         batch, accumulation, compiled = 8, 2, row.get("device", "cuda") == "cuda"
         tokens = largest_micro_batch(layout, batch, 12 * accumulation, packed=True, row_multiple=64)
-    elif row["row"] == "trl-default" or row["row"] == "trl-bf16-precompute":
+    elif row["row"] in ("trl-default", "trl-bf16-precompute"):  # (eager attention's scores: not planned)
         tokens = largest_micro_batch(layout, batch, steps, packed=False)
     elif row["row"].startswith("dpolab-fast"):
         multiple = packing.row_multiple(compiled, fields.get("torch_compile_mode"), fields.get("pad_to_multiple_of"))
