@@ -36,8 +36,9 @@ python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
 # varlen kernel, TRL's default with eager attention (how far two correct bf16 runs' losses drift apart), FlexAttention
 # alone, and the gains' attribution (bench/RESULTS.md, fourteenth section).
 ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,\
-dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,dpolab-fast-compile-backbone-cudagraphs-gqa,\
-dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
+dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,\
+dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
+dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
 dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,\
 dpolab-fast-sdpa}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)

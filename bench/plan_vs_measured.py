@@ -57,7 +57,7 @@ def main() -> None:
             data = train_speed.build_data(Path(work) / card, pairs, scale=1, seed=0)
             layouts[card] = train_speed.token_layout({"model": str(model_dir), "data": str(data)}, 1024)
     layout = layouts["H200"]  # for what the full preset chooses, below
-    tokens = {card: token_counts(layout) for card, layout in layouts.items()}
+    tokens = {card: token_counts(card_layout) for card, card_layout in layouts.items()}
     model = plan.shape_from_config(plan.KNOWN_CONFIGS["Qwen/Qwen2-0.5B-Instruct"])
     print("| card | setting | tokens per micro-batch | plan allocated GiB | measured | plan reserved GiB | measured | "
           "plan / measured reserved |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip

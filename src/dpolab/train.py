@@ -188,16 +188,14 @@ def choose_reference_batch(config: TrainConfig) -> None:
 
     from dpolab import packing
 
-    training, model = config.training, config.model
+    training = config.training
     if "precompute_ref_batch_size" in config.given or not training.precompute_ref_log_probs:
         return
-    if not torch.cuda.is_available() or not config.script.fast_path or training.truncation_mode != "keep_start":
+    if not torch.cuda.is_available() or packed_full_fine_tuning_off_reason(config) is not None:
         return
     if attention_implementation(config) not in ("flex_attention", packing.VARLEN_ATTENTION):
         return
-    if training.activation_checkpointing or model.use_peft or training.deepspeed or training.fsdp:
-        return
-    if training.world_size > 1 or training.per_device_train_batch_size >= REFERENCE_PASS_PAIRS:
+    if training.activation_checkpointing or training.per_device_train_batch_size >= REFERENCE_PASS_PAIRS:
         return
     training.precompute_ref_batch_size = REFERENCE_PASS_PAIRS
     print(f"Reference pre-pass: {REFERENCE_PASS_PAIRS} pairs per batch (2x the pairs/s of 8 on an H200; "
@@ -207,6 +205,16 @@ def choose_reference_batch(config: TrainConfig) -> None:
 def compile_off_reason(config: TrainConfig) -> str | None:
     """Why these settings keep the fast path's default of compiled decoder layers off (None: they take it). Only
     what was measured: full fine-tuning on one GPU, packed rows, FlexAttention (bench/RESULTS.md)."""
+    reason = packed_full_fine_tuning_off_reason(config)
+    attention = config.model.attn_implementation
+    if reason is None and attention not in (None, "flex_attention"):  # None: the fast path takes FlexAttention on CUDA
+        reason = f"measured with flex_attention, not {attention}"
+    return reason
+
+
+def packed_full_fine_tuning_off_reason(config: TrainConfig) -> str | None:
+    """Why these settings are not the fast path's packed rows in full fine-tuning on one GPU, where its GPU defaults
+    (compiled layers, the pre-pass's batch) were measured (None: they are)."""
     training, model = config.training, config.model
     if not config.script.fast_path:
         return "fast_path is off"
@@ -216,8 +224,6 @@ def compile_off_reason(config: TrainConfig) -> str | None:
         return "not measured with LoRA or quantized weights"
     if training.deepspeed or training.fsdp or training.world_size > 1:
         return "not measured on several GPUs"
-    if model.attn_implementation not in (None, "flex_attention"):  # None: the fast path takes FlexAttention on CUDA
-        return f"measured with flex_attention, not {model.attn_implementation}"
     return None
 
 
