@@ -30,14 +30,15 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
-# The issue's side by side first (~2 minutes on an H200), then the full preset's whole-epoch setting through the CLI
-# (~2 minutes), then the lever that may reach 35% MFU (CUDA graphs over the whole backbone, the host's ~70 ms a step
-# gone: its first step compiles for ~3 minutes), then inductor's C++ wrapper (the host's other lever), FlashAttention's
-# varlen kernel, TRL's default with eager attention (how far two correct bf16 runs' losses drift apart), FlexAttention
-# alone, and the gains' attribution (bench/RESULTS.md, fourteenth section).
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,cli-full,dpolab-fast-compile-backbone-cudagraphs,\
-dpolab-fast-compile-cpp-wrapper,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,\
-dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-backbone,dpolab-fast-compile-host-waits,\
+# The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
+# (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its
+# first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), the same
+# backbone without graphs (fewer compiled calls alone), inductor's C++ wrapper; then the full preset's whole-epoch
+# setting through the CLI (~2 minutes), FlashAttention's varlen kernel, TRL's default with eager attention (how far
+# two correct bf16 runs' losses drift apart), FlexAttention alone, and the gains' attribution.
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-backbone-cudagraphs,dpolab-fast-compile-backbone,\
+dpolab-fast-compile-cpp-wrapper,cli-full,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,\
+dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-host-waits,\
 dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
 dpolab-fast-compile-log10,dpolab-fast-compile-trl-head,dpolab-fast,cli-smoke,reference-prepass,cli-smoke-eager,\
 dpolab-fast-sdpa}

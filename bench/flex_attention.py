@@ -119,7 +119,7 @@ def variants(backend: str, sequences) -> dict:
     from dpolab import packing
 
     layer = types.SimpleNamespace(training=True)
-    packing.register_varlen_attention()
+    packing.register_attention(packing.VARLEN_ATTENTION)
 
     def varlen(query, key, value, block_mask):  # FlashAttention's kernel on the row's sequences: no mask, no compile
         return packing.varlen_attention(layer, query, key, value, None, HEAD_DIM**-0.5, packed_varlen=sequences)[0]

@@ -136,7 +136,7 @@ def test_varlen_attention_says_which_torch_it_needs(monkeypatch):
 
     monkeypatch.setattr(packing, "varlen_attn", None)  # torch before 2.10 has no torch.nn.attention.varlen
     with pytest.raises(DpolabError, match=r"attn_implementation varlen_attn needs torch 2.10 or later"):
-        packing.register_varlen_attention()
+        packing.register_attention(packing.VARLEN_ATTENTION)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -327,7 +327,7 @@ def test_varlen_attention_log_probs_and_gradients_equal_trls_padded_ones(tmp_pat
     trainer.compute_loss(trainer.model, padded).backward()
     expected_gradients = [parameter.grad.clone() for parameter in trainer.model.parameters()]
     trainer.model.zero_grad()
-    packing.register_varlen_attention()
+    packing.register_attention(packing.VARLEN_ATTENTION)
     trainer.model.config._attn_implementation = packing.VARLEN_ATTENTION
     packing.install(trainer.model)
     for order in (list(range(len(examples))), list(reversed(range(len(examples))))):  # other neighbours
@@ -708,7 +708,7 @@ def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir, atten
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    packing.register_varlen_attention()
+    packing.register_attention(packing.VARLEN_ATTENTION)
     eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
                        for _ in "ab")  # fmt: skip
     for model in (eager, compiled):
@@ -939,6 +939,8 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     request.addfinalizer(lambda: setattr(triton, "cudagraph_dynamic_shape_warn_limit", limit))
     mix_order, triton.mix_order_reduction = triton.mix_order_reduction, True  # a size guard: one graph per size
     request.addfinalizer(lambda: setattr(triton, "mix_order_reduction", mix_order))
+    specialize_float = torch._dynamo.config.specialize_float  # process-wide, set by compile_backbone
+    request.addfinalizer(lambda: setattr(torch._dynamo.config, "specialize_float", specialize_float))
     # the second: 2 micro-batches of 2 pairs per step, whose gradients are allocated before the step's backwards
     accumulating = {"precompute_ref_log_probs": False, "per_device_train_batch_size": 2,
                     "gradient_accumulation_steps": 2}  # fmt: skip
@@ -989,6 +991,51 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
         weights = [set(load_file(path)) for name in (run, f"{run}-eager")
                    for path in (tmp_path / "runs" / name / "final").glob("*.safetensors")]  # fmt: skip
         assert weights[0] == weights[1] and weights[0]  # the same names: nothing added by compiling
+
+
+def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_model_dir, request):
+    """Traced layer by layer, the CUDA-graph modes' first step took 190 s on an H200 machine (bench/RESULTS.md):
+    `compile_backbone` runs every decoder layer through one nested compile region, so dynamo's graph calls one
+    traced layer once per layer; one graph for every row length; hidden states and gradients are eager's."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    specialize_float = torch._dynamo.config.specialize_float  # process-wide, set by compile_backbone
+    request.addfinalizer(lambda: setattr(torch._dynamo.config, "specialize_float", specialize_float))
+    graphs = []
+
+    def backend(graph, example_inputs):  # dynamo's graph kept, then aot_eager's (eager's values)
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
+    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+                       for _ in "ab")  # fmt: skip
+    for model in (eager, compiled):
+        packing.install(model)
+    torch._dynamo.reset()
+    breaks = counters["graph_break"].total()  # earlier tests' breaks are kept (torch 2.11's reset keeps counters)
+    packing.compile_backbone(compiled, backend, None)
+    assert torch._dynamo.config.specialize_float is True
+    lengths = set()
+    for seed in range(3):
+        inputs = packed_inputs(seed, pairs=5 + seed)  # past one 128-token block: no guard on a single block
+        lengths.add(inputs["packed_input_ids"].shape[1])
+        results = []
+        for model in (compiled, eager):
+            model.zero_grad()
+            hidden = model.model(**inputs, use_cache=False).last_hidden_state
+            hidden.square().mean().backward()
+            results.append((hidden, model.model.layers[1].mlp.up_proj.weight.grad))
+        (hidden, gradient), (expected_hidden, expected_gradient) = results
+        assert torch.allclose(hidden, expected_hidden, atol=1e-6, rtol=0)
+        assert torch.allclose(gradient, expected_gradient, atol=1e-6, rtol=0)
+    assert len(lengths) > 1 and len(graphs) == 1, (lengths, len(graphs))  # compiled once, for every row length
+    assert counters["graph_break"].total() == breaks
+    calls = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == len(compiled.model.layers) == 2  # every layer a call of the region
+    assert len({node.args[0].target for node in calls}) == 1  # one traced layer for all of them
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # in place: the weights keep their names
 
 
 @pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])

@@ -317,11 +317,7 @@ def model_logps(model, examples: list[dict], tokenizer, settings: EvalConfig, de
 
     pad_token_id = models.pad_token_id(tokenizer)
     attention = model.config._attn_implementation
-    if settings.fast_path:
-        reason = packing.unsupported_reason(model.config, settings.truncation_mode)
-    else:
-        reason = "fast_path is false"
-    packing.check_varlen_on_fast_path(attention, reason)
+    reason = packing.fast_path_off_reason(model.config, settings.fast_path, settings.truncation_mode)
     if reason is None:
         packing.install(model)
         packing.install_answer_head_on(model, packing.REFERENCE_HEAD_OUTPUTS)  # where it applies; else TRL's head

@@ -166,8 +166,7 @@ def load_scoring_model(path: str, dtype: str | None, trust_remote_code: bool = F
     kwargs = dict(
         dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
     )
-    if attn_implementation == packing.VARLEN_ATTENTION:
-        packing.register_varlen_attention()
+    packing.register_attention(attn_implementation)
     if is_adapter(path):
         from peft import PeftModel
 

@@ -400,9 +400,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     pad_token_id = models.pad_token_id(tokenizer)
     collator, trainer_args = None, training
     attention = model.config._attn_implementation
-    fast = config.script.fast_path
-    reason = packing.unsupported_reason(model.config, training.truncation_mode) if fast else "fast_path is false"
-    packing.check_varlen_on_fast_path(attention, reason)
+    reason = packing.fast_path_off_reason(model.config, config.script.fast_path, training.truncation_mode)
     if attention == packing.VARLEN_ATTENTION and packing.records_cuda_graphs(
         training.torch_compile, training.torch_compile_mode
     ):  # its sequences' tensors change shape with every batch
@@ -508,10 +506,10 @@ def compile_fast_path(model, training):
         triton.mix_order_reduction = False
         bound = "" if lengths is None else f": at most {lengths} length" + "s" * (lengths != 1)
         print(f"torch_compile: mode {mode}: the whole backbone compiled in place as one graph ({backend}, dynamic "
-              "shapes; the first step takes minutes: 3 on an H200, the first evaluation too) after the reference "
-              f"pre-pass, one CUDA graph recorded per row length (rows rounded to {multiple} tokens{bound}). Its "
-              "speed is not yet measured; leaving torch_compile_mode unset compiles each layer (6x TRL's default "
-              "on an H100 and an H200, bench/RESULTS.md).", flush=True)  # fmt: skip
+              "shapes, one decoder layer traced for all; the first step takes a minute or more, the first evaluation "
+              "too) after the reference pre-pass, one CUDA graph recorded per row length (rows rounded to "
+              f"{multiple} tokens{bound}). Its speed is not yet measured; leaving torch_compile_mode unset compiles "
+              "each layer (6x TRL's default on an H100 and an H200, bench/RESULTS.md).", flush=True)  # fmt: skip
     else:
         layers = packing.compile_layers(model, backend, mode)
         print(f"torch_compile: {layers} decoder layers compiled in place ({backend}, mode {mode or 'default'}, "
@@ -646,8 +644,7 @@ def load_policy(config: TrainConfig, model_path: str):
         dtype=model_args.dtype,
     )
     kwargs.update(training.model_init_kwargs or {})
-    if kwargs["attn_implementation"] == packing.VARLEN_ATTENTION:
-        packing.register_varlen_attention()
+    packing.register_attention(kwargs["attn_implementation"])
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
