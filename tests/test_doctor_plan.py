@@ -221,6 +221,16 @@ def test_plan_command_for_the_full_preset(capsys):
     assert "No config for 'someone/unknown-model'" in capsys.readouterr().err
 
 
+def test_plan_reads_a_gguf_models_shape(capsys):
+    """The demo's model is a .gguf: plan reads its shape from the file's metadata. SmolLM2-135M by hand: embeddings
+    49,152 x 576 (tied) + 30 layers of (576 x 576 x 2 + 576 x 192 x 2 + 3 x 576 x 1,536 + 2 x 576) + 576 = 134.5M."""
+    from dpolab import demo
+    from dpolab.cli import main
+
+    assert main(["plan", "--model_name_or_path", str(demo.find_gguf())]) == 0
+    assert "135M parameters" in capsys.readouterr().out
+
+
 def test_plan_command_plans_for_the_data_at_hand(tmp_path, tiny_config, tiny_model_dir, monkeypatch, capsys):
     """With the data and tokenizer at hand, `dpolab plan` plans for the largest micro-batch of the run's data, not
     every sequence max_length long, and recommends what `dpolab train` (fit_to_memory) then chooses on a card of that

@@ -288,10 +288,14 @@ def run_shape(train, attention: str) -> RunShape:
 
 
 def model_config(name: str) -> dict:
-    """config.json of a known model, a local directory, or a Hub model already in the local cache."""
+    """config.json of a known model, a local directory, a .gguf file, or a Hub model already in the local cache."""
     if name in KNOWN_CONFIGS:
         return KNOWN_CONFIGS[name]
-    path = Path(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():  # its metadata, read without converting the weights
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
     from huggingface_hub import try_to_load_from_cache
@@ -301,7 +305,7 @@ def model_config(name: str) -> dict:
         return json.loads(Path(cached).read_text())
     raise DpolabError(
         f"No config for '{name}': not a known model ({', '.join(KNOWN_CONFIGS)}), a local directory with "
-        f"config.json, or a cached Hub model."
+        f"config.json, a .gguf file, or a cached Hub model."
     )
 
 
