@@ -614,12 +614,19 @@ def compile_backbone(model, backend: str, mode: str | None) -> None:
     once and stamps out for every layer (hierarchical compilation): traced layer by layer, the first step took 190 s
     on an H200 machine; on the CPU with inductor a 24-layer backbone compiled in 75 s against 405 s
     (bench/RESULTS.md, fifteenth section)."""
+    import torch._inductor.config
+
     backbone = transformers_model(model).base_model
     layers = decoder_layers(backbone)
     # Dynamo's process-wide setting: without it the layers' float attributes (the norms' epsilon, attention's
     # scaling) enter the region as symbolic inputs, and dynamo broke the graph at every layer; with it they are
     # constants, as in a graph traced without the region
     torch._dynamo.config.specialize_float = True
+    # inductor's process-wide setting: with the region, reusing a dead buffer for another within a compiled graph
+    # gave wrong gradients (torch 2.13 on the CPU: the decoder layers' attention and the embeddings, up to 1e4x off;
+    # pytorch/pytorch#192840 fixes a bug of this kind); without reuse they are eager's. The graph still frees what it
+    # no longer needs, and the allocator (or the CUDA graphs' pool) hands that memory out again
+    torch._inductor.config.allow_buffer_reuse = False
     region = torch.compiler.nested_compile_region(type(layers[0]).forward)  # one region: every layer reuses it
     for layer in layers:
         layer.forward = types.MethodType(region, layer)
