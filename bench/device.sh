@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one call on a lent machine (no network; torch and accelerate are the machine's):
-#   bash bench/device.sh     # in $OUT: table.md, rows.json, profiles.txt, machine.txt, doctor.txt, log.txt
+#   bash bench/device.sh     # in $OUT: table.md, rows.json, profiles.txt, machine.txt, doctor.txt, gradients.txt,
+#                            # gradients.json, log.txt
 # It installs the tested set's other wheels from .whl/, fetched beforehand on a machine with PyPI:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets==5.2.0 \
@@ -30,6 +31,9 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
+# the CUDA-graph modes' gradients against eager's, float32, before any of their speeds is read (~1 minute)
+python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" 2>&1 || true
+tail -1 "$OUT/gradients.txt"
 # The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
 # (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its
 # first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), the same
