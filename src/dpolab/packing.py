@@ -624,8 +624,9 @@ def compile_backbone(model, backend: str, mode: str | None) -> None:
     torch._dynamo.config.specialize_float = True
     # inductor's process-wide setting: with the region, reusing a dead buffer for another within a compiled graph
     # gave wrong gradients (torch 2.13 on the CPU: the decoder layers' attention and the embeddings, up to 1e4x off;
-    # pytorch/pytorch#192840 fixes a bug of this kind); without reuse they are eager's. The graph still frees what it
-    # no longer needs, and the allocator (or the CUDA graphs' pool) hands that memory out again
+    # turning buffer donation off, which pytorch/pytorch#192840 mends for regions, did not help); without reuse they
+    # are eager's. The graph still frees what it no longer needs, and the allocator (or the CUDA graphs' pool) hands
+    # that memory out again
     torch._inductor.config.allow_buffer_reuse = False
     region = torch.compiler.nested_compile_region(type(layers[0]).forward)  # one region: every layer reuses it
     for layer in layers:
