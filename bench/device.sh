@@ -31,8 +31,9 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
-# the CUDA-graph modes' gradients against eager's, float32, before any of their speeds is read (~1 minute)
-python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" 2>&1 || true
+# the CUDA-graph modes' gradients against eager's, float32, before any of their speeds is read (~1 minute on a GPU; at
+# most 2, which the rows' deadline below leaves room for; ~3 on this project's CPU)
+timeout "$([ "$DEVICE" = cuda ] && echo 120 || echo 900)" python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" 2>&1 || true
 tail -1 "$OUT/gradients.txt"
 # The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
 # (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its
@@ -49,5 +50,5 @@ dpolab-fast-sdpa}
 STEPS=$([ "$DEVICE" = cuda ] && echo 40 || echo 20)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo --profile || true)
 python3 bench/train_speed.py --device "$DEVICE" --steps "$STEPS" $PROFILE_FLAG --out "$OUT" --work /tmp/bench-work \
-  --rows "$ROWS" --budget_s "${BUDGET_S:-440}" --deadline_s "${DEADLINE_S:-560}" --row_cap_s "${ROW_CAP_S:-240}" \
+  --rows "$ROWS" --budget_s "${BUDGET_S:-380}" --deadline_s "${DEADLINE_S:-490}" --row_cap_s "${ROW_CAP_S:-240}" \
   2>&1 | tee "$OUT/log.txt"
