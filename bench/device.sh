@@ -33,7 +33,9 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
 # the CUDA-graph modes' gradients against eager's, float32, before any of their speeds is read (~1 minute on a GPU; at
 # most 2, which the rows' deadline below leaves room for; ~3 on this project's CPU)
-timeout "$([ "$DEVICE" = cuda ] && echo 120 || echo 900)" python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" 2>&1 || true
+GRADIENTS_CAP_S=$([ "$DEVICE" = cuda ] && echo 120 || echo 900)
+timeout "$GRADIENTS_CAP_S" python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" \
+  2>&1 || true
 tail -1 "$OUT/gradients.txt"
 # The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
 # (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its

@@ -898,8 +898,22 @@ def test_the_compile_default_follows_the_fast_path_off(tmp_path, tiny_config, ti
     assert compiled == []
 
 
-def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(tmp_path, tiny_config, monkeypatch,
-                                                                                capsys, request):  # fmt: skip
+@pytest.fixture
+def backbone_settings_restored():
+    """`packing.compile_backbone` sets two process-wide settings (dynamo's specialize_float, inductor's buffer
+    reuse): a test that calls it gives them back afterwards, so later tests compile as they would alone."""
+    import torch._inductor.config
+
+    settings = ((torch._dynamo.config, "specialize_float"), (torch._inductor.config, "allow_buffer_reuse"))
+    values = [getattr(config, name) for config, name in settings]
+    yield
+    for (config, name), value in zip(settings, values, strict=True):
+        setattr(config, name, value)
+
+
+def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(
+    tmp_path, tiny_config, monkeypatch, capsys, request, backbone_settings_restored
+):
     """reduce-overhead around each compiled layer left 24 backwards pending and ran 10x slower on an H100
     (bench/RESULTS.md): under the CUDA-graph modes the whole backbone is compiled as one graph, after the reference
     pre-pass (which runs eager), the reference kept by a run without pre-pass gets its layers compiled without
@@ -939,9 +953,6 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
     request.addfinalizer(lambda: setattr(triton, "cudagraph_dynamic_shape_warn_limit", limit))
     mix_order, triton.mix_order_reduction = triton.mix_order_reduction, True  # a size guard: one graph per size
     request.addfinalizer(lambda: setattr(triton, "mix_order_reduction", mix_order))
-    for config, name in ((torch._dynamo.config, "specialize_float"), (torch._inductor.config, "allow_buffer_reuse")):
-        value = getattr(config, name)  # process-wide, set by compile_backbone
-        request.addfinalizer(lambda config=config, name=name, value=value: setattr(config, name, value))
     # the second: 2 micro-batches of 2 pairs per step, whose gradients are allocated before the step's backwards
     accumulating = {"precompute_ref_log_probs": False, "per_device_train_batch_size": 2,
                     "gradient_accumulation_steps": 2}  # fmt: skip
@@ -995,7 +1006,8 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(t
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_model_dir, request, backend):
+def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_model_dir, backend,
+                                                                       backbone_settings_restored):  # fmt: skip
     """Traced layer by layer, the CUDA-graph modes' first step took 190 s on an H200 machine (bench/RESULTS.md):
     `compile_backbone` runs every decoder layer through one nested compile region, so dynamo's graph calls one
     traced layer once per layer; one graph for every row length; hidden states and every gradient are eager's, with
@@ -1005,9 +1017,6 @@ def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_mode
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    for config, name in ((torch._dynamo.config, "specialize_float"), (torch._inductor.config, "allow_buffer_reuse")):
-        value = getattr(config, name)  # process-wide, set by compile_backbone
-        request.addfinalizer(lambda config=config, name=name, value=value: setattr(config, name, value))
     graphs = []
 
     def compiler(graph, example_inputs):  # dynamo's graph kept, then compiled by the backend
