@@ -31,19 +31,22 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
-# the CUDA-graph modes' gradients against eager's, float32, before any of their speeds is read (~1 minute on a GPU; at
-# most 2, which the rows' deadline below leaves room for; ~3 on this project's CPU)
+# the CUDA-graph modes' gradients against eager's, before any of their speeds is read: FlexAttention in float32, then
+# FlashAttention's varlen kernel on rows of fixed shapes under bf16 autocast (~1 minute on a GPU, estimated; at most
+# 2, which the rows' deadline below leaves room for: each verdict is written when known; ~2.5 on this project's CPU)
 GRADIENTS_CAP_S=$([ "$DEVICE" = cuda ] && echo 120 || echo 900)
 timeout "$GRADIENTS_CAP_S" python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" \
   2>&1 || true
 tail -1 "$OUT/gradients.txt"
 # The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
 # (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its
-# first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), the same
+# first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), with FlexAttention
+# and with FlashAttention's varlen kernel (3x less attention time than FlexAttention on the H200), the same
 # backbone without graphs (fewer compiled calls alone), inductor's C++ wrapper; then the full preset's whole-epoch
 # setting through the CLI (~2 minutes), FlashAttention's varlen kernel, TRL's default with eager attention (how far
 # two correct bf16 runs' losses drift apart), FlexAttention alone, and the gains' attribution.
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-backbone-cudagraphs,dpolab-fast-compile-backbone,\
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-backbone-cudagraphs,\
+dpolab-fast-compile-varlen-cudagraphs,dpolab-fast-compile-backbone,\
 dpolab-fast-compile-cpp-wrapper,cli-full,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,\
 dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-host-waits,\
 dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\

@@ -14,7 +14,8 @@ Rows: TRL's default (float32 weights + bf16 autocast, activation checkpointing, 
 padded batches); dpolab's fast path (the same float32 master weights, pairs packed with each prompt computed
 once, FlexAttention, reference log-probs in a cached pre-pass, no checkpointing, decoder layers compiled as
 `dpolab train` compiles them on CUDA: `dpolab-fast-compile`) and variants (`dpolab-fast`: eager layers;
-`dpolab-fast-compile-varlen`: FlashAttention's varlen kernel instead of FlexAttention, `packing.varlen_attention`);
+`dpolab-fast-compile-varlen`: FlashAttention's varlen kernel instead of FlexAttention, `packing.varlen_attention`;
+the `-cudagraphs` rows: the whole backbone replayed as CUDA graphs, `torch_compile_mode reduce-overhead`);
 `dpolab train --preset smoke` and `--preset full --gpu_memory_gib 24` through the real CLI code;
 `trl-default-eager-attention`: TRL's default with another attention kernel, how far two correct bf16 computations of
 the same steps drift apart (the floor for the loss diffs); `flex-attention`: one
@@ -65,7 +66,8 @@ OPTIONAL_ROWS = ("trl-default-eager-attention", "dpolab-fast", "cli-smoke", "dpo
                  "dpolab-fast-compile-backbone-cudagraphs", "dpolab-fast-compile-backbone-cudagraphs-gqa",
                  "dpolab-fast-compile-gqa", "dpolab-fast-compile-b16", "cli-smoke-eager", "reference-prepass",
                  "flex-attention", "trl-bf16-precompute", "dpolab-fast-liger",
-                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan", "dpolab-fast-compile-varlen")  # fmt: skip
+                 "dpolab-fast-sdpa", "dpolab-fast-bf16-kahan", "dpolab-fast-compile-varlen",
+                 "dpolab-fast-compile-varlen-cudagraphs")  # fmt: skip
 MIN_ROW_S = 45  # with --deadline_s, a row is not started with less time than this left
 # the flex-attention row starts no variant after this many seconds (each compiles its kernels): it runs before the
 # CUDA-graph row in bench/device.sh, whose whole-backbone compile needs the call's time after it
@@ -98,6 +100,9 @@ ROW_FIELDS = {  # dpolab's fast path, and what each variant row changes
     "dpolab-fast-compile-gqa": {"torch_compile": True},  # + FlexAttention with grouped K/V (gqa_flex_attention)
     # no FlexAttention: FlashAttention's varlen kernel, each pair as two sequences (packing.varlen_attention)
     "dpolab-fast-compile-varlen": {"torch_compile": True, "attn_implementation": "varlen_attn"},
+    # both: the whole backbone replayed as CUDA graphs around FlashAttention's varlen kernel, its sequences' tensors
+    # in shapes set by the row length (packing.varlen_layout's fixed shapes)
+    "dpolab-fast-compile-varlen-cudagraphs": {**CUDA_GRAPHS, "attn_implementation": "varlen_attn"},
     # 16 pairs per step in one micro-batch, the full preset's on an 80 GB card: another workload (no loss diff)
     "dpolab-fast-compile-b16": {"torch_compile": True, "per_device_train_batch_size": 16},
     "dpolab-fast-liger": {"use_liger_kernel": True},
@@ -112,7 +117,8 @@ INDUCTOR_CONFIG = {"dpolab-fast-compile-cpp-wrapper": {"cpp_wrapper": True}}
 WHOLE_BACKBONE_ROW = "dpolab-fast-compile-backbone"
 # rows whose backbone is compiled as one graph after their reference pre-pass, which ran eager
 WHOLE_BACKBONE_ROWS = (WHOLE_BACKBONE_ROW, "dpolab-fast-compile-backbone-cudagraphs",
-                       "dpolab-fast-compile-backbone-cudagraphs-gqa")  # fmt: skip
+                       "dpolab-fast-compile-backbone-cudagraphs-gqa",
+                       "dpolab-fast-compile-varlen-cudagraphs")  # fmt: skip
 # their first step compiles the backbone, one decoder layer traced for all (190 s on an H200 machine when the 24 layers
 # were traced one by one; 5x less with inductor on this project's CPU): their cap is this much longer than --row_cap_s
 WHOLE_BACKBONE_CAP = 1.5
@@ -511,7 +517,8 @@ def run_row(args) -> dict:
                                                                 weight_decay=0.0, kahan_sum=True))  # fmt: skip
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
-    graphs = ROW_FIELDS.get(args.row) == CUDA_GRAPHS  # `dpolab train --torch_compile_mode reduce-overhead`
+    # `dpolab train --torch_compile_mode reduce-overhead`
+    graphs = ROW_FIELDS.get(args.row, {}).get("torch_compile_mode") == CUDA_GRAPHS["torch_compile_mode"]
     profiled = args.profile and not (cuda and graphs)  # CUPTI with CUDA graphs: see StepProfiler
     cudagraph_skips = record_cudagraph_skips() if graphs else []
     row_lengths = []  # per training step, in order (the pre-pass is done; the collator runs once per step)

@@ -131,6 +131,72 @@ def test_varlen_sequences_by_hand():
     assert empty["packed_kv_index"].tolist() == [0, 1, 2, 3]
 
 
+def test_varlen_sequences_in_fixed_shapes_by_hand():
+    """Under CUDA graphs (a recording for each new set of input shapes) the sequences' tensors are shaped by the row's
+    length and the number of pairs alone: 2 x pairs + 1 sequences, empty ones last; 2 x length keys, those past the
+    sequences' marked unread; the longest sequence bounded by max_length (or the row's padding)."""
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": []},
+        {"prompt_ids": [6], "chosen_ids": [7], "rejected_ids": [8, 9, 10]},
+    ]
+    batch = packing.pack_batch(examples, 4, 0, row_multiple=16, varlen=True, fixed_shapes=True)
+    # row positions: 0-1 prompt_1, 2-3 chosen_1, 4 prompt_2, 5 chosen_2, 6-8 rejected_2, 9-15 padding
+    assert batch["packed_cu_seq_q"].tolist() == [0, 4, 6, 9, 16, 16]  # [0-3] [4-5] [6-8] [9-15], one empty
+    assert batch["packed_cu_seq_k"].tolist() == [0, 4, 6, 10, 17, 17]
+    assert batch["packed_kv_index"].tolist() == [0, 1, 2, 3, 4, 5, 4, 6, 7, 8, *range(9, 16), *[0] * 15]
+    assert batch["packed_kv_used"].tolist() == [True] * 17 + [False] * 15
+    assert batch["packed_max_lengths"].shape == (16, 16, 0)  # max(max_length 4, the padding's bound 16)
+    other = packing.pack_batch([{"prompt_ids": [5] * 3, "chosen_ids": [6] * 5, "rejected_ids": [7] * 4}] * 2, 16, 0,
+                               row_multiple=32, varlen=True, fixed_shapes=True)  # fmt: skip
+    assert other["packed_max_lengths"].shape == (32, 32, 0)  # max_length 16 under the row_multiple 32
+    shapes = [{key: tuple(b[key].shape) for key in packing.VARLEN_KEYS}
+              for b in (batch, packing.pack_batch(examples[::-1], 4, 0, 16, True, True))]  # fmt: skip
+    assert shapes[0] == shapes[1]  # other sequences, the same row length and pairs: the same shapes
+    unbounded = packing.pack_batch(examples, None, 0, row_multiple=16, varlen=True, fixed_shapes=True)
+    assert unbounded["packed_max_lengths"].shape == (16, 16, 0)  # without max_length: the row
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_varlen_attention_in_fixed_shapes_computes_the_same_and_drops_unread_keys_gradients(seed, monkeypatch):
+    """The fixed-shape layout gives the outputs and gradients of the plain one; the keys no sequence reads get no
+    gradient even where the kernel leaves their rows unwritten (FlashAttention's backward allocates them without
+    zeroing: a stand-in fills them with NaN)."""
+    rng = random.Random(seed)
+    examples = [{key: [1] * rng.randint(lowest, 30) for key, lowest in
+                 zip(("prompt_ids", "chosen_ids", "rejected_ids"), (1, 0, 0))} for _ in range(4)]  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for fixed in (False, True):
+        batch = packing.pack_batch(examples, 40, 0, row_multiple=16, varlen=True, fixed_shapes=fixed)
+        length = batch["packed_input_ids"].size(1)
+        generator.manual_seed(seed)
+        query = torch.randn(1, 4, length, 8, generator=generator, requires_grad=True)
+        key, value = (torch.randn(1, 2, length, 8, generator=generator, requires_grad=True) for _ in "kv")
+        out, _ = packing.varlen_attention(None, query, key, value, None, scaling=0.3,
+                                          packed_varlen=packing.VarlenRow.from_batch(batch))  # fmt: skip
+        results.append((out, *torch.autograd.grad(out.square().sum(), (query, key, value))))
+    for plain, fixed in zip(*results, strict=True):
+        assert torch.allclose(plain, fixed, atol=1e-6, rtol=0)
+    backward = packing.sequences_attention_backward
+
+    def unwritten_rows(grad, query, key, value, cu_seq_q, cu_seq_k, scale):
+        dq, dk, dv = backward(grad, query, key, value, cu_seq_q, cu_seq_k, scale)
+        read = int(cu_seq_k[-1])
+        return dq, dk.index_fill(0, torch.arange(read, len(dk)), float("nan")), dv.index_fill(
+            0, torch.arange(read, len(dv)), float("nan"))  # fmt: skip
+
+    monkeypatch.setattr(packing, "sequences_attention_backward", unwritten_rows)
+    out, _ = packing.varlen_attention(None, query, key, value, None, scaling=0.3,
+                                      packed_varlen=packing.VarlenRow.from_batch(batch))  # fmt: skip
+    gradients = torch.autograd.grad(out.square().sum(), (query, key, value))
+    for expected, got in zip(results[0][1:], gradients, strict=True):
+        assert torch.allclose(expected, got, atol=1e-6, rtol=0)
+    batch["packed_kv_used"] = None  # without the mask, the stand-in's NaN reaches key 0's gradient
+    out, _ = packing.varlen_attention(None, query, key, value, None, scaling=0.3,
+                                      packed_varlen=packing.VarlenRow.from_batch(batch))  # fmt: skip
+    assert torch.autograd.grad(out.square().sum(), key)[0].isnan().any()
+
+
 def test_varlen_attention_says_which_torch_it_needs(monkeypatch):
     from dpolab.errors import DpolabError
 
@@ -522,10 +588,12 @@ def test_a_fast_run_logs_the_losses_of_trls_padded_run(tmp_path, tiny_config, ov
     assert fast[-1]["rewards/margins"] != fast[0]["rewards/margins"]  # it learned
 
 
-def test_a_varlen_run_logs_the_losses_of_trls_padded_run_and_needs_the_fast_path(tmp_path, tiny_config, capsys):
+def test_a_varlen_run_logs_the_losses_of_trls_padded_run_and_needs_the_fast_path(
+    tmp_path, tiny_config, capsys, backbone_settings_restored
+):
     """`dpolab train --attn_implementation varlen_attn` (the reference in each step, its own model with SDPA, as TRL
-    loads it) logs TRL's padded run's losses; without the fast path, or with CUDA graphs, it is refused before anything
-    is written."""
+    loads it) logs TRL's padded run's losses, under the CUDA-graph modes too (the whole backbone compiled, its rows of
+    fixed shapes); without the fast path it is refused before anything is written."""
     data = write_jsonl(tmp_path / "d.jsonl", rows_in_format("implicit", 16))
     config = str(tiny_config(data, max_steps=3, learning_rate=5e-3, train_sampling_strategy="sequential",
                              precompute_ref_log_probs=False))  # fmt: skip
@@ -543,10 +611,13 @@ def test_a_varlen_run_logs_the_losses_of_trls_padded_run_and_needs_the_fast_path
            "here (fast_path is false): use sdpa or flex_attention." in capsys.readouterr().err  # fmt: skip
     assert not (tmp_path / "runs" / "refused").exists()
     graphs = ["--run_name", "graphs", "--attn_implementation", "varlen_attn", "--torch_compile", "true",
-              "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
-    assert main(["train", "--config", config, *graphs]) == 2
-    assert "CUDA graphs would be recorded again for nearly every batch" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "graphs").exists()
+              "--torch_compile_backend", "aot_eager", "--torch_compile_mode", "reduce-overhead"]  # fmt: skip
+    torch._dynamo.reset()
+    assert main(["train", "--config", config, *graphs]) == 0
+    assert "the whole backbone compiled in place as one graph" in capsys.readouterr().out
+    for a, b in zip(losses(tmp_path / "runs" / "graphs"), padded, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
 
 
 def test_the_fast_path_says_why_it_is_off(tmp_path, tiny_config, capsys):
@@ -652,16 +723,17 @@ def test_the_reference_pre_pass_runs_only_when_the_run_sees_its_data(tmp_path, t
     assert asked.training.precompute_ref_log_probs is True  # set explicitly: kept
 
 
-def packed_inputs(seed: int, pairs: int = 4, varlen: bool = False) -> dict:
+def packed_inputs(seed: int, pairs: int = 4, varlen: bool = False, fixed_shapes: bool = False,
+                  row_multiple: int = packing.ROW_MULTIPLE) -> dict:  # fmt: skip
     rng = random.Random(seed)
 
     def ids(low, high):
         return [rng.randrange(3, 400) for _ in range(rng.randint(low, high))]
 
     examples = [{"prompt_ids": ids(5, 30), "chosen_ids": ids(3, 40), "rejected_ids": ids(3, 40)} for _ in range(pairs)]
-    batch = packing.pack_batch(examples, 128, 0, varlen=varlen)
+    batch = packing.pack_batch(examples, 128, 0, row_multiple, varlen=varlen, fixed_shapes=fixed_shapes)
     keys = packing.PACKED_KEYS + (packing.VARLEN_KEYS if varlen else ())
-    return {"input_ids": batch["input_ids"], **{key: batch[key] for key in keys}}
+    return {"input_ids": batch["input_ids"], **{key: batch[key] for key in keys if key in batch}}
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
@@ -704,7 +776,8 @@ def test_sdpa_layers_share_one_mask_and_compute_what_the_boolean_mask_gives(tiny
 def test_compiled_layers_compile_once_for_every_row_length(tiny_model_dir, attention):
     """Regional compilation with dynamic shapes: one graph for all layers, no new compile when rows change length
     (aot_eager: dynamo's tracing and guards without a C++ compiler, so the values are eager's exactly); with
-    varlen_attn, whose sequences change in number and length too (on the CPU its reference runs uncompiled)."""
+    varlen_attn, whose sequences change in number and length too (on the CPU its reference is an operator that
+    compiled code calls as it is)."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
@@ -1005,13 +1078,15 @@ def test_cuda_graph_modes_compile_the_whole_backbone_once_the_pre_pass_is_done(
         assert weights[0] == weights[1] and weights[0]  # the same names: nothing added by compiling
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "varlen_attn"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_model_dir, backend,
+def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_model_dir, backend, attn,
                                                                        backbone_settings_restored):  # fmt: skip
     """Traced layer by layer, the CUDA-graph modes' first step took 190 s on an H200 machine (bench/RESULTS.md):
     `compile_backbone` runs every decoder layer through one nested compile region, so dynamo's graph calls one
     traced layer once per layer; one graph for every row length; hidden states and every gradient are eager's, with
-    inductor too (C++ kernels here; with the region and inductor's buffer reuse, most gradients were wrong)."""
+    inductor too (C++ kernels here; with the region and inductor's buffer reuse, most gradients were wrong). With
+    varlen_attn, in rows of fixed shapes as under CUDA graphs (its CPU reference an operator, as the kernel is)."""
     import torch._inductor.config
     from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.utils import counters
@@ -1023,7 +1098,9 @@ def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_mode
         graphs.append(graph)
         return lookup_backend(backend)(graph, example_inputs)
 
-    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    varlen = attn == packing.VARLEN_ATTENTION
+    packing.register_attention(attn)
+    eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
                        for _ in "ab")  # fmt: skip
     for model in (eager, compiled):
         packing.install(model)
@@ -1033,7 +1110,8 @@ def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_mode
     assert torch._dynamo.config.specialize_float is True and torch._inductor.config.allow_buffer_reuse is False
     lengths = set()
     for seed in range(2):
-        inputs = packed_inputs(seed, pairs=5 + seed)  # past one 128-token block: no guard on a single block
+        # past one 128-token block: no guard on a single block
+        inputs = packed_inputs(seed, pairs=5 + seed, varlen=varlen, fixed_shapes=varlen, row_multiple=16)
         del inputs["packed_gather_index"]  # the packed row's hidden states, as dpolab's LM head asks for them
         lengths.add(inputs["packed_input_ids"].shape[1])
         hidden = {}
@@ -1054,14 +1132,15 @@ def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_mode
     assert set(compiled.state_dict()) == set(eager.state_dict())  # in place: the weights keep their names
 
 
-@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa", "varlen_attn"])
 def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny_model_dir, monkeypatch, attn):
     """Under the CUDA-graph modes the whole packed backbone is one compiled graph, its mask built inside it; inductor
     runs a graph holding any op on a CPU tensor without CUDA graphs ("skipping cudagraphs due to cpu device", one
     warning among the run's output: the run is only slower). Here the forward and backward run on the meta device,
     standing in for the GPU (inductor counts meta as no device at all), and no op may read or make a CPU tensor.
     FlexAttention refuses meta tensors: a stand-in of transformers' call to it keeps the shapes and checks that the
-    BlockMask it is given is on the model's device."""
+    BlockMask it is given is on the model's device. varlen_attn runs torch's FlashAttention operator there (its
+    shapes-only implementation), in bf16 and rows of fixed shapes, as under CUDA graphs."""
     from types import SimpleNamespace
 
     import transformers.integrations.flex_attention as transformers_flex
@@ -1086,10 +1165,13 @@ def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny
                 on_the_host.append(func)
             return out
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    varlen = attn == packing.VARLEN_ATTENTION
+    packing.register_attention(attn)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn,
+                                                 dtype=torch.bfloat16 if varlen else torch.float32)  # fmt: skip
     packing.install(model)
     model.to("meta")
-    inputs = {key: value.to("meta") for key, value in packed_inputs(0).items()}
+    inputs = {key: value.to("meta") for key, value in packed_inputs(0, varlen=varlen, fixed_shapes=varlen).items()}
     with Devices():
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         forward_ops = len(ops)
@@ -1099,6 +1181,9 @@ def test_the_packed_backbone_touches_no_host_tensor_so_cuda_graphs_are_kept(tiny
     assert on_the_host == []
     if attn == "flex_attention":
         assert len(masks) == 2 and set(masks[0].values()) == {"meta"} and len(masks[0]) == 8, masks
+    if varlen:  # the kernel's operator, forward and backward, in each layer
+        assert ops.count(torch.ops.torch_attn._varlen_attn.default) == 2
+        assert ops.count(torch.ops.torch_attn._varlen_attn_backward.default) == 2
 
 
 def test_gradients_allocated_before_the_backward_passes_are_added_into_in_place(tiny_model_dir):

@@ -51,7 +51,8 @@ CUDA_GRAPH_ROW_MULTIPLE = 512
 # under this name (`register_attention`)
 VARLEN_ATTENTION = "varlen_attn"
 SUPPORTED_ATTENTION = ("sdpa", "flex_attention", VARLEN_ATTENTION)
-VARLEN_KEYS = ("packed_kv_index", "packed_cu_seq_q", "packed_cu_seq_k", "packed_max_lengths")  # `varlen_layout`
+# `varlen_layout`'s tensors; packed_kv_used only in rows of fixed shapes (the CUDA-graph modes)
+VARLEN_KEYS = ("packed_kv_index", "packed_cu_seq_q", "packed_cu_seq_k", "packed_max_lengths", "packed_kv_used")
 
 
 # --- layout (pure) ------------------------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ def pack_batch(
     pad_token_id: int,
     row_multiple: int = ROW_MULTIPLE,
     varlen: bool = False,
+    fixed_shapes: bool = False,
 ) -> dict[str, torch.Tensor]:
     """TRL's padded tensors for a batch plus the packed row the fast path computes on.
 
@@ -102,7 +104,8 @@ def pack_batch(
     for padding), and for each answer token TRL's LM head scores (N in all): packed_answer_index, the packed
     position whose hidden state predicts it, packed_answer_labels, its id, and packed_answer_slot, where TRL's
     head puts its log-prob in the flattened [2B, L - 1] layout. `ref_chosen_logps`/`ref_rejected_logps` pass
-    through when the examples carry them. With `varlen`, also `varlen_layout`'s tensors (VARLEN_KEYS).
+    through when the examples carry them. With `varlen`, also `varlen_layout`'s tensors (VARLEN_KEYS), with
+    `fixed_shapes` (the CUDA-graph modes) in shapes set by the row's length and the number of pairs alone.
     """
     tokens, positions, pairs, segments = [], [], [], []
     spans = [[], []]  # [chosen rows, rejected rows]: (prompt start, prompt length, answer start, answer length)
@@ -158,14 +161,19 @@ def pack_batch(
         "packed_answer_slot": answer_slot,
     }
     if varlen:
-        batch.update(varlen_layout(spans[0], spans[1], len(tokens), length))
+        # under fixed shapes both ints are bounds: a sequence is a prompt and an answer (within max_length) or the
+        # row's padding (under row_multiple); without max_length, the row
+        longest = (max(max_length, row_multiple) if max_length else length) if fixed_shapes else None
+        batch.update(varlen_layout(spans[0], spans[1], len(tokens), length, longest))
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in examples[0]:
             batch[key] = torch.tensor([example[key] for example in examples])
     return batch
 
 
-def varlen_layout(chosen_spans, rejected_spans, used: int, length: int) -> dict[str, torch.Tensor]:
+def varlen_layout(
+    chosen_spans, rejected_spans, used: int, length: int, longest: int | None = None
+) -> dict[str, torch.Tensor]:
     """A packed row as the sequences FlashAttention's varlen kernel computes (`varlen_attention`): for each pair,
     prompt + chosen attending to themselves, then the rejected answer attending to the prompt and itself; then the
     row's padding, to itself. Each sequence's queries are its own positions of the row, in order; its keys are
@@ -177,7 +185,14 @@ def varlen_layout(chosen_spans, rejected_spans, used: int, length: int) -> dict[
     `pack_batch`; used: the row's tokens before its padding; length: the padded row's. Returns packed_kv_index [Tk]
     (int64), packed_cu_seq_q and packed_cu_seq_k [S + 1] (int32, cumulative lengths), and packed_max_lengths, an
     empty tensor of shape [longest queries, longest keys, 0]: the kernel takes both as ints, read off a shape without
-    waiting for the device."""
+    waiting for the device.
+
+    With `longest` (the CUDA-graph modes, which record a graph for each new set of input shapes): shapes set by the
+    row's length and the number of pairs alone, so a graph is recorded once per row length, not for nearly every
+    batch. 2 x pairs + 1 sequences (empty ones at the end: no queries, no keys, nothing computed); 2 x length keys
+    (the prompts read twice are fewer than the row's tokens), those past the last sequence read by none and marked
+    in packed_kv_used [Tk] (bool: `varlen_attention` gives them no gradient); `longest` as both ints, a bound on
+    every sequence (the kernel's grid is sized by it; a shorter sequence's blocks past its end do nothing)."""
     queries, keys = [], []  # lengths, and the row positions each sequence's keys are read from
     for (start, prompt, chosen_start, chosen), (_, _, rejected_start, rejected) in zip(chosen_spans, rejected_spans):
         queries.append(prompt + chosen)
@@ -196,11 +211,22 @@ def varlen_layout(chosen_spans, rejected_spans, used: int, length: int) -> dict[
         return torch.from_numpy(numpy.concatenate([[0], numpy.cumsum(counts)]).astype(numpy.int32))
 
     key_lengths = [len(k) for k in keys]
+    kv_index = numpy.concatenate(keys)
+    if longest is None:
+        return {
+            "packed_kv_index": torch.from_numpy(kv_index.astype(numpy.int64)),
+            "packed_cu_seq_q": cumulative(queries),
+            "packed_cu_seq_k": cumulative(key_lengths),
+            "packed_max_lengths": torch.empty(max(queries), max(key_lengths), 0),
+        }
+    empty = 2 * len(chosen_spans) + 1 - len(queries)
+    unread = 2 * length - len(kv_index)
     return {
-        "packed_kv_index": torch.from_numpy(numpy.concatenate(keys).astype(numpy.int64)),
-        "packed_cu_seq_q": cumulative(queries),
-        "packed_cu_seq_k": cumulative(key_lengths),
-        "packed_max_lengths": torch.empty(max(queries), max(key_lengths), 0),
+        "packed_kv_index": torch.from_numpy(numpy.pad(kv_index, (0, unread)).astype(numpy.int64)),  # key 0, unread
+        "packed_cu_seq_q": cumulative(queries + [0] * empty),
+        "packed_cu_seq_k": cumulative(key_lengths + [0] * empty),
+        "packed_max_lengths": torch.empty(longest, longest, 0),
+        "packed_kv_used": torch.arange(2 * length) < len(kv_index),
     }
 
 
@@ -285,12 +311,14 @@ class VarlenRow(NamedTuple):
     cu_seq_k: torch.Tensor
     max_q: int
     max_k: int
+    kv_used: torch.Tensor | None = None  # fixed shapes only: which gathered keys a sequence reads
 
     @classmethod
     def from_batch(cls, batch: dict) -> VarlenRow:
         """From `varlen_layout`'s tensors (VARLEN_KEYS): the two ints read off packed_max_lengths' shape."""
         max_lengths = batch["packed_max_lengths"]
-        return cls(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"], *max_lengths.shape[:2])
+        return cls(batch["packed_kv_index"], batch["packed_cu_seq_q"], batch["packed_cu_seq_k"],
+                   *max_lengths.shape[:2], batch.get("packed_kv_used"))  # fmt: skip
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_varlen=None,
@@ -298,7 +326,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers' attention function for `varlen_attn`: query [1, H, T, D], key and value [1, H_kv, T, D] of a
     packed row -> ([1, T, H, D], None). On CUDA, PyTorch's FlashAttention kernel for variable-length sequences
     (`torch.nn.attention.varlen.varlen_attn`: no mask, no masked block visited, grouped K/V read as they are), in the
-    dtype the layer computes in; elsewhere `varlen_attention_reference`, which computes the same."""
+    dtype the layer computes in; on the CPU `varlen_attention_reference`, which computes the same."""
     if packed_varlen is None:
         raise ValueError(
             f"{VARLEN_ATTENTION} computes only the fast path's packed rows (dpolab train or eval with "
@@ -310,8 +338,14 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     query = query[0].transpose(0, 1)  # [T, H, D]
     key = key[0].transpose(0, 1).index_select(0, row.kv_index)  # [Tk, H_kv, D]: the prompts' read twice
     value = value[0].transpose(0, 1).index_select(0, row.kv_index)
-    if not query.is_cuda:
-        return varlen_attention_reference(query, key, value, row, scaling)[None], None
+    if row.kv_used is not None:
+        # keys no sequence reads (fixed shapes): FlashAttention's backward need not write their gradient rows (its
+        # buffer is allocated, not zeroed); masked_fill's backward replaces those rows, whatever they hold (NaN
+        # too), with zeros before they are added into key 0's gradient
+        unread = ~row.kv_used[:, None, None]
+        key, value = key.masked_fill(unread, 0), value.masked_fill(unread, 0)
+    if query.device.type == "cpu":
+        return sequences_attention(query, key, value, row.cu_seq_q, row.cu_seq_k, scaling)[None], None
     # v comes from its projection in the dtype the layer computes in (autocast's, or the weights'); under autocast q
     # and k arrive in float32 (the rotary embedding multiplies them in the residual's dtype)
     dtype = value.dtype
@@ -324,17 +358,17 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return output[None], None
 
 
-@torch.compiler.disable  # a loop over each batch's sequences: compiled layers run it as it is, not traced anew
-def varlen_attention_reference(query, key, value, row: VarlenRow, scaling=None) -> torch.Tensor:
+def varlen_attention_reference(query, key, value, cu_seq_q, cu_seq_k, scale) -> torch.Tensor:
     """What `varlen_attn` computes, one sequence at a time with SDPA: query [Tq, H, D], key and value [Tk, H_kv, D]
     -> [Tq, H, D]; each sequence causal, aligned to the bottom right (flash-attention's rule where a sequence has
     more keys than queries: query i of q sees keys up to i + k - q)."""
     groups = query.size(1) // key.size(1)
-    bounds = zip(row.cu_seq_q[:-1].tolist(), row.cu_seq_q[1:].tolist(), row.cu_seq_k[:-1].tolist(),
-                 row.cu_seq_k[1:].tolist())  # fmt: skip
-    outputs = []
+    bounds = zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), cu_seq_k[:-1].tolist(), cu_seq_k[1:].tolist())
+    outputs = [query.new_zeros(0, *query.shape[1:])]
     for q_start, q_end, k_start, k_end in bounds:
         queries, keys = q_end - q_start, k_end - k_start
+        if queries == 0:  # the empty sequences that fix the count under CUDA graphs
+            continue
         query_index = torch.arange(queries, device=query.device)[:, None]
         sees = torch.arange(keys, device=query.device)[None] <= query_index + keys - queries
         outputs.append(
@@ -343,10 +377,64 @@ def varlen_attention_reference(query, key, value, row: VarlenRow, scaling=None) 
                 key[k_start:k_end].transpose(0, 1).repeat_interleave(groups, 0),
                 value[k_start:k_end].transpose(0, 1).repeat_interleave(groups, 0),
                 attn_mask=sees,
-                scale=scaling,
+                scale=scale,
             ).transpose(0, 1)
         )
     return torch.cat(outputs)
+
+
+@torch.library.custom_op("dpolab::sequences_attention", mutates_args=())
+def sequences_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """`varlen_attention_reference` as an operator of its own (with its backward), as torch's `varlen_attn` is:
+    compiled code calls it as it is, without tracing its loop over each batch's sequences anew (a recompile for
+    every number of sequences) or breaking the graph (which a compiled backbone's nested region refuses)."""
+    return varlen_attention_reference(query, key, value, cu_seq_q, cu_seq_k, scale)
+
+
+@sequences_attention.register_fake
+def _(query, key, value, cu_seq_q, cu_seq_k, scale):
+    return torch.empty_like(query)
+
+
+@torch.library.custom_op("dpolab::sequences_attention_backward", mutates_args=())
+def sequences_attention_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attention(query, key, value):
+        return varlen_attention_reference(query, key, value, cu_seq_q, cu_seq_k, scale)
+
+    _, gradients = torch.func.vjp(attention, query, key, value)  # keys no sequence reads: zero gradients
+    return gradients(grad)
+
+
+@sequences_attention_backward.register_fake
+def _(grad, query, key, value, cu_seq_q, cu_seq_k, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def sequences_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.scale = inputs[5]
+
+
+def sequences_attention_gradients(ctx, grad):
+    return *sequences_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None, None, None
+
+
+sequences_attention.register_autograd(sequences_attention_gradients, setup_context=sequences_attention_setup)
 
 
 # torch 2.12 and later take grouped K/V only with enable_gqa=True; torch 2.11's varlen_attn has no such argument and
@@ -564,9 +652,11 @@ class PackedCollator:
     max_length: int | None
     row_multiple: int = ROW_MULTIPLE
     varlen: bool = False  # the model's attention is varlen_attn: its sequences too (`varlen_layout`)
+    fixed_shapes: bool = False  # the sequences' tensors shaped by the row's length and pairs alone (CUDA graphs)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_batch(examples, self.max_length, self.pad_token_id, self.row_multiple, self.varlen)
+        return pack_batch(examples, self.max_length, self.pad_token_id, self.row_multiple, self.varlen,
+                          self.fixed_shapes)  # fmt: skip
 
 
 # --- torch.compile of the decoder layers --------------------------------------------------------------------------

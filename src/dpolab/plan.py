@@ -123,7 +123,7 @@ def activation_bytes_per_token_layer(
     attention, o_proj and the MLP, attention as eager, and the MLP's gate, up and product; its partitioner
     recomputes the rest in the backward pass.
     grouped_kv (`varlen_attn`): k and v kept as their heads are, gathered per sequence, a prompt's twice (counted
-    twice: an upper bound), never repeated.
+    twice: an upper bound; under the CUDA-graph modes the count, the keys padded to twice the row), never repeated.
     Against the H100's peak allocated (bench/RESULTS.md): within 0.02 GiB of the fast path's, eager and compiled.
     """
     h, kv, i = model.hidden, model.kv_dim, model.intermediate

@@ -401,12 +401,6 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
     collator, trainer_args = None, training
     attention = model.config._attn_implementation
     reason = packing.fast_path_off_reason(model.config, config.script.fast_path, training.truncation_mode)
-    if attention == packing.VARLEN_ATTENTION and packing.records_cuda_graphs(
-        training.torch_compile, training.torch_compile_mode
-    ):  # its sequences' tensors change shape with every batch
-        raise DpolabError(f"attn_implementation {attention} with torch_compile_mode {training.torch_compile_mode}: "
-                          "CUDA graphs would be recorded again for nearly every batch. Leave torch_compile_mode unset "
-                          "(each decoder layer compiled) or use flex_attention.")  # fmt: skip
     if config.script.fast_path:
         if reason is None:
             packing.install(model)
@@ -416,6 +410,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_pairs, 
                     training.torch_compile, training.torch_compile_mode, training.pad_to_multiple_of
                 ),
                 varlen=attention == packing.VARLEN_ATTENTION,
+                fixed_shapes=packing.records_cuda_graphs(training.torch_compile, training.torch_compile_mode),
             )  # fmt: skip
             print(f"Fast path: pairs packed with their prompt shared ({attention} attention)")
             if training.torch_compile:
