@@ -40,13 +40,14 @@ timeout "$GRADIENTS_CAP_S" python3 bench/backbone_gradients.py --device "$DEVICE
 tail -1 "$OUT/gradients.txt"
 # The issue's side by side first (~2 minutes on an H200), then the host's levers, the step being bound by the host
 # (bench/RESULTS.md, fourteenth section): CUDA graphs over the whole backbone (the lever that may reach 35% MFU; its
-# first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), with FlexAttention
-# and with FlashAttention's varlen kernel (3x less attention time than FlexAttention on the H200), the same
+# first step compiles one decoder layer for all, 190 s on an H200 when they were traced one by one), first with
+# FlashAttention's varlen kernel (3x less attention time than FlexAttention on the H200, and no FlexAttention kernels
+# to compile: the likelier of the two to reach 35% MFU, and the sooner done), then with FlexAttention, the same
 # backbone without graphs (fewer compiled calls alone), inductor's C++ wrapper; then the full preset's whole-epoch
 # setting through the CLI (~2 minutes), FlashAttention's varlen kernel, TRL's default with eager attention (how far
 # two correct bf16 runs' losses drift apart), FlexAttention alone, and the gains' attribution.
-ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-backbone-cudagraphs,\
-dpolab-fast-compile-varlen-cudagraphs,dpolab-fast-compile-backbone,\
+ROWS=${ROWS:-trl-default,dpolab-fast-compile,dpolab-fast-compile-varlen-cudagraphs,\
+dpolab-fast-compile-backbone-cudagraphs,dpolab-fast-compile-backbone,\
 dpolab-fast-compile-cpp-wrapper,cli-full,dpolab-fast-compile-varlen,trl-default-eager-attention,flex-attention,\
 dpolab-fast-compile-backbone-cudagraphs-gqa,dpolab-fast-compile-host-waits,\
 dpolab-fast-compile-b16,dpolab-fast-compile-gqa,\
