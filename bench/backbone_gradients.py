@@ -10,11 +10,11 @@ kernels; a GPU compiles Triton kernels, with FlexAttention's own, which no CPU t
 loss curves would not show it (two correct runs differ by ~1e-2), so this compares in float32: a 4-layer Qwen2 (14
 query heads, 2 key/value heads, head size 64, as Qwen2-0.5B's) on packed rows of two lengths, `compile_backbone`
 with inductor against the same model eager, every parameter's gradient, with the attention the fast path takes on
-this device (FlexAttention on a GPU); `--layer_by_layer` is the control without the region. Then the same with
+this device (FlexAttention on a GPU); `--layer_by_layer` is the control without the region. First the same with
 FlashAttention's varlen kernel (`varlen_attn`) on rows of the fixed shapes the CUDA-graph modes give it, whose unread
 keys' gradient rows the kernel need not write (`packing.varlen_attention` drops them): under bf16 autocast on a GPU,
 the kernel computing in bf16 only. Prints one line per row length and attention, and the verdicts; writes them to
---out as JSON.
+--out as JSON as each is known.
 """
 
 from __future__ import annotations
@@ -111,9 +111,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.layer_by_layer:
         torch.compiler.nested_compile_region = lambda function: function
-    # FlexAttention has no CPU backward; then FlashAttention's varlen kernel (on the CPU its reference)
-    attentions = ["flex_attention" if args.device == "cuda" else "sdpa"]
-    attentions += [packing.VARLEN_ATTENTION] if packing.varlen_attn is not None else []
+    # FlashAttention's varlen kernel first (on the CPU its reference), as bench/device.sh runs its CUDA-graph row
+    # first; then FlexAttention, which has no CPU backward (SDPA there)
+    attentions = [packing.VARLEN_ATTENTION] if packing.varlen_attn is not None else []
+    attentions += ["flex_attention" if args.device == "cuda" else "sdpa"]
     verdicts, rows = {}, []
     for attention in attentions:  # each verdict printed and written as soon as it is known
         results = check(attention, args.device)

@@ -31,8 +31,8 @@ transformers.__version__, trl.__version__, accelerate.__version__)"
 } > "$OUT/machine.txt"
 # dpolab's own checks on the lent machine (a few seconds)
 python3 -m dpolab.cli doctor > "$OUT/doctor.txt" 2>&1 || true
-# the CUDA-graph modes' gradients against eager's, before any of their speeds is read: FlexAttention in float32, then
-# FlashAttention's varlen kernel on rows of fixed shapes under bf16 autocast (~1 minute on a GPU, estimated; at most
+# the CUDA-graph modes' gradients against eager's, before any of their speeds is read: FlashAttention's varlen kernel
+# on rows of fixed shapes under bf16 autocast, then FlexAttention in float32 (~1 minute on a GPU, estimated; at most
 # 2, which the rows' deadline below leaves room for: each verdict is written when known; ~2.5 on this project's CPU)
 GRADIENTS_CAP_S=$([ "$DEVICE" = cuda ] && echo 120 || echo 900)
 timeout "$GRADIENTS_CAP_S" python3 bench/backbone_gradients.py --device "$DEVICE" --out "$OUT" > "$OUT/gradients.txt" \
