@@ -212,21 +212,18 @@ def varlen_layout(
 
     key_lengths = [len(k) for k in keys]
     kv_index = numpy.concatenate(keys)
-    if longest is None:
-        return {
-            "packed_kv_index": torch.from_numpy(kv_index.astype(numpy.int64)),
-            "packed_cu_seq_q": cumulative(queries),
-            "packed_cu_seq_k": cumulative(key_lengths),
-            "packed_max_lengths": torch.empty(max(queries), max(key_lengths), 0),
-        }
-    empty = 2 * len(chosen_spans) + 1 - len(queries)
-    unread = 2 * length - len(kv_index)
+    bounds, fixed = (max(queries), max(key_lengths)), {}
+    if longest is not None:  # fixed shapes: empty sequences at the end, keys no sequence reads after the last
+        empty = [0] * (2 * len(chosen_spans) + 1 - len(queries))
+        queries, key_lengths, bounds = queries + empty, key_lengths + empty, (longest, longest)
+        fixed = {"packed_kv_used": torch.arange(2 * length) < len(kv_index)}
+        kv_index = numpy.pad(kv_index, (0, 2 * length - len(kv_index)))  # key 0, read by no sequence
     return {
-        "packed_kv_index": torch.from_numpy(numpy.pad(kv_index, (0, unread)).astype(numpy.int64)),  # key 0, unread
-        "packed_cu_seq_q": cumulative(queries + [0] * empty),
-        "packed_cu_seq_k": cumulative(key_lengths + [0] * empty),
-        "packed_max_lengths": torch.empty(longest, longest, 0),
-        "packed_kv_used": torch.arange(2 * length) < len(kv_index),
+        "packed_kv_index": torch.from_numpy(kv_index.astype(numpy.int64)),
+        "packed_cu_seq_q": cumulative(queries),
+        "packed_cu_seq_k": cumulative(key_lengths),
+        "packed_max_lengths": torch.empty(*bounds, 0),
+        **fixed,
     }
 
 
