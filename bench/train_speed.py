@@ -517,8 +517,10 @@ def run_row(args) -> dict:
                                                                 weight_decay=0.0, kahan_sum=True))  # fmt: skip
     clock = StepClock(args.device)
     trainer.add_callback(clock.callback)
-    # `dpolab train --torch_compile_mode reduce-overhead`
-    graphs = ROW_FIELDS.get(args.row, {}).get("torch_compile_mode") == CUDA_GRAPHS["torch_compile_mode"]
+    from dpolab.packing import records_cuda_graphs
+
+    fields = ROW_FIELDS.get(args.row, {})  # `dpolab train --torch_compile_mode reduce-overhead`
+    graphs = records_cuda_graphs(fields.get("torch_compile", False), fields.get("torch_compile_mode"))
     profiled = args.profile and not (cuda and graphs)  # CUPTI with CUDA graphs: see StepProfiler
     cudagraph_skips = record_cudagraph_skips() if graphs else []
     row_lengths = []  # per training step, in order (the pre-pass is done; the collator runs once per step)
