@@ -173,9 +173,11 @@ def test_the_guard_lets_fp16_overflow_steps_pass_but_not_nan_metrics():
 
 
 def test_eval_follows_a_bf16_autocast_run_and_equals_its_trainer(tmp_path, tiny_config):
-    """bf16 autocast rounds every matmul to 8 significant bits, so a float32 eval of a bf16 run differs from the
-    trainer by ~1e-2; eval at the run's precision runs the same packed forward under the same autocast on the
-    same batches and agrees to float noise. Tolerance 1e-3: well above that noise, well below the fp32 gap."""
+    """bf16 autocast rounds every matmul's inputs to 8 significant bits, so a float32 eval of a bf16 run differs from
+    the trainer (log-prob sums off by 3e-4 to 1.6e-3 on a CPU with AMX, whose bf16 kernels accumulate in float32;
+    ~1e-2 on CPUs without); eval at the run's precision runs the same packed forward under the same autocast on the
+    same batches: its log-probs agree to float noise (~4e-6 of -81), and every metric within 1e-3 (the margins also
+    hold the reference's bf16 log-probs, scored in the trainer's padded batches)."""
     write_jsonl(tmp_path / "data" / "train.jsonl", rows_in_format("messages", 16))
     write_jsonl(tmp_path / "data" / "test.jsonl", rows_in_format("messages", 7, seed=3))
     config = tiny_config(tmp_path / "data", eval_split="test", eval_strategy="steps", eval_steps=100, max_steps=3,
@@ -191,8 +193,13 @@ def test_eval_follows_a_bf16_autocast_run_and_equals_its_trainer(tmp_path, tiny_
         assert summary["trainer_equivalent"][key] == pytest.approx(logged[f"eval_{key}"], abs=1e-3), key
     assert main(["eval", "--model", str(run_dir), "--bf16", "false", "--output_dir", str(tmp_path / "fp32")]) == 0
     fp32 = json.loads((tmp_path / "fp32" / "eval.json").read_text())
-    gap = abs(fp32["trainer_equivalent"]["logps/chosen"] - logged["eval_logps/chosen"])
-    assert gap > 1e-3, "float32 scoring should visibly differ from the bf16 trainer"
+
+    def largest_logps_gap(scored):
+        trainer = scored["trainer_equivalent"]
+        return max(abs(trainer[key] - logged[f"eval_{key}"]) for key in ("logps/chosen", "logps/rejected"))
+
+    at_run_precision, in_float32 = largest_logps_gap(summary), largest_logps_gap(fp32)
+    assert in_float32 > 10 * max(at_run_precision, 1e-5), "float32 scoring should visibly differ from the bf16 trainer"
 
 
 def test_zero_and_false_overrides_are_honoured_by_eval(tmp_path, tiny_config, capsys):

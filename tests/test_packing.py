@@ -1123,7 +1123,9 @@ def test_the_whole_backbone_traces_one_decoder_layer_and_stamps_it_out(tiny_mode
         gradients = dict(eager.model.named_parameters())
         for name, parameter in compiled.model.named_parameters():
             expected = gradients[name].grad
-            assert torch.allclose(parameter.grad, expected, atol=1e-4 * expected.abs().max(), rtol=0), name
+            # inductor reorders float32 sums: up to 1.2e-4 of a tensor's largest gradient on an AVX-512 CPU (k_proj's
+            # bias, whose gradient is a near-cancelling sum); the buffer-reuse bug was off by 1.75x to 1e4x
+            assert torch.allclose(parameter.grad, expected, atol=1e-3 * expected.abs().max(), rtol=0), name
     assert len(lengths) > 1 and len(graphs) == 1, (lengths, len(graphs))  # compiled once, for every row length
     assert counters["graph_break"].total() == breaks
     calls = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
